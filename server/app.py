@@ -1,0 +1,127 @@
+"""The Quart application and the per-process runtime it serves from.
+
+Each server process (each Hypercorn worker) builds one :class:`Runtime` at start-up: a connection
+pool for queries and one :class:`~server.broker.Broker` holding the process's LISTEN connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from server import db
+from server.auth import AuthError, TokenVerifier
+from server.broker import Broker
+from server.config import ConfigError, Settings
+from server.embedded import load_or_create_secret
+from server.http import json_error
+
+__all__ = ["Runtime", "create_app", "resolve_secret"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs, created in ``before_serving``."""
+
+    settings: Settings
+    dsn: str
+    verifier: TokenVerifier
+    pool: asyncpg.Pool = field(init=False)
+    broker: Broker = field(init=False)
+    draining: bool = False
+
+    async def drain(self) -> None:
+        """Graceful shutdown, step one: refuse new streams and ask open ones to close.
+
+        Each open stream sends a final ``retry:`` (with jitter, so thousands of clients do not
+        come back in the same second) and ends; Hypercorn then waits for the sockets to close.
+        """
+        self.draining = True
+        for sub in self.broker.subscriptions:
+            sub.close("shutdown")
+
+
+def resolve_secret(settings: Settings, *, embedded: bool) -> str:
+    """The JWT signing secret: configured, or (embedded mode only) generated once and kept."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    if embedded:
+        return load_or_create_secret(settings.data_dir)
+    raise ConfigError(
+        "TASKSTREAM_JWT_SECRET is not set. It is required when DATABASE_URL is set; "
+        "taskstream never falls back to a built-in key."
+    )
+
+
+def create_app(settings: Settings | None = None) -> Quart:
+    """Build the app. With no DATABASE_URL, the CLI starts the embedded PostgreSQL first and
+    passes its URL down; a bare ``create_app()`` under another ASGI server needs DATABASE_URL.
+    """
+    settings = settings or Settings.from_env()
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set (use `taskstream serve` for embedded mode)")
+    runtime = Runtime(
+        settings=settings,
+        dsn=settings.database_url,
+        verifier=TokenVerifier(resolve_secret(settings, embedded=False)),
+    )
+
+    app = Quart("taskstream")
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.extensions["taskstream"] = runtime
+
+    from server.streams import blueprint as streams_blueprint
+
+    app.register_blueprint(streams_blueprint)
+
+    @app.before_serving
+    async def _start() -> None:
+        runtime.pool = await db.create_pool(runtime.dsn)
+        runtime.broker = Broker(
+            runtime.dsn,
+            pool=runtime.pool,
+            max_streams=settings.max_streams,
+            max_streams_per_user=settings.max_streams_per_user,
+            check_interval=settings.listener_check_interval,
+            fallback_poll=settings.fallback_poll,
+        )
+        try:
+            await runtime.broker.start()
+        except BaseException:
+            await runtime.pool.close()
+            raise
+        logger.info("taskstream ready (pid %d)", os.getpid())
+
+    @app.after_serving
+    async def _stop() -> None:
+        await runtime.broker.stop()
+        await runtime.pool.close()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.errorhandler(AuthError)
+    async def _auth_error(exc: AuthError) -> Response:
+        return json_error(401, exc.message, WWW_Authenticate=exc.challenge)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        return json_error(exc.code or 500, exc.name)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        if isinstance(exc, db.CONNECTION_ERRORS):
+            return json_error(503, "Database unavailable", Retry_After="2")
+        logger.exception("unhandled error")
+        return json_error(500, "Internal server error")
+
+    return app

@@ -1,0 +1,267 @@
+"""The ``taskstream`` command: serve, migrate, token.
+
+``serve`` owns process lifetime: it starts the embedded PostgreSQL once (when DATABASE_URL is
+unset), applies migrations, checks that NOTIFY reaches a LISTEN connection, binds the sockets, then
+runs one or more Hypercorn workers. Each worker builds its own pool and LISTEN connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from multiprocessing.synchronize import Event as MPEvent
+from typing import Any
+
+from server import __version__
+from server.config import ConfigError, Settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("server.cli")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
+    """Start the embedded PostgreSQL if needed and export what the workers must inherit."""
+    from server.app import resolve_secret
+    from server.embedded import EmbeddedPostgres
+
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+    secret = resolve_secret(settings, embedded=embedded is not None)
+    # Workers are spawned processes: they read the same settings from the environment.
+    os.environ["DATABASE_URL"] = url
+    os.environ["TASKSTREAM_JWT_SECRET"] = secret
+    return Settings.from_env(), embedded
+
+
+async def _prepare_database(url: str) -> None:
+    from server import db
+    from server.broker import Broker
+
+    for name in await db.migrate(url):
+        logger.info("migration applied: %s", name)
+    broker = Broker(url)
+    await broker.start()  # includes the NOTIFY round-trip self-check
+    await broker.stop()
+
+
+def _hypercorn_config(args: argparse.Namespace, settings: Settings) -> Any:
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"{args.host}:{args.port}"]
+    config.worker_class = "uvloop"
+    config.workers = args.workers
+    # Streams get SHUTDOWN_GRACE to say goodbye; Hypercorn waits a little longer than that.
+    config.graceful_timeout = settings.shutdown_grace + 1.0
+    config.keep_alive_timeout = 75
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    if args.certfile:
+        config.certfile = args.certfile
+        config.keyfile = args.keyfile
+        config.alpn_protocols = ["h2", "http/1.1"]
+    return config
+
+
+def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) -> None:
+    """Run one server process until a signal (single process) or the master's shutdown event."""
+    settings = Settings.from_env()
+    _setup_logging(settings.log_level)
+    import uvloop
+    from hypercorn.asyncio.run import worker_serve
+    from hypercorn.utils import wrap_app
+
+    from server.app import create_app
+
+    app = create_app(settings)
+
+    async def wait_for_stop() -> None:
+        stop = asyncio.Event()
+        if shutdown_event is None:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+        else:
+
+            async def poll() -> None:
+                # A multiprocessing Event cannot be awaited; a blocking wait in a thread would
+                # keep the interpreter from exiting, so poll it cheaply.
+                while not shutdown_event.is_set():  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+                stop.set()
+
+            poller = asyncio.create_task(poll())
+        await stop.wait()
+        if shutdown_event is not None:
+            poller.cancel()
+        # Stop taking streams and tell open ones to reconnect elsewhere, then let Hypercorn
+        # wait for them to close.
+        await app.extensions["taskstream"].drain()
+
+    async def serve() -> None:
+        wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=wait_for_stop)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    _setup_logging(settings.log_level)
+    config = _hypercorn_config(args, settings)
+    # Bind first: a port in use fails fast, before anything else is started.
+    sockets = config.create_sockets()
+    all_sockets = sockets.secure_sockets + sockets.insecure_sockets
+    embedded = None
+    try:
+        settings, embedded = _resolve_environment(settings)
+        assert settings.database_url is not None
+        asyncio.run(_prepare_database(settings.database_url))
+        host, port = all_sockets[0].getsockname()[:2]
+        scheme = "https" if args.certfile else "http"
+        print(f"taskstream listening on {scheme}://{host}:{port}", flush=True)
+        if args.workers <= 1:
+            _worker(config, sockets)
+        else:
+            _run_workers(config, sockets)
+    finally:
+        for sock in all_sockets:
+            sock.close()
+        if embedded is not None:
+            embedded.stop()
+    logger.info("taskstream stopped")
+    return 0
+
+
+def _run_workers(config: Any, sockets: Any) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    shutdown_event = ctx.Event()
+    # Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole group); the master decides.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    processes = [
+        ctx.Process(
+            target=_worker,
+            kwargs={"config": config, "sockets": sockets, "shutdown_event": shutdown_event},
+        )
+        for _ in range(config.workers)
+    ]
+    for p in processes:
+        p.start()
+    signal.signal(signal.SIGINT, previous)
+
+    def stop(*_: Any) -> None:
+        shutdown_event.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    from multiprocessing.connection import wait
+
+    pending = list(processes)
+    while pending:
+        done = wait([p.sentinel for p in pending])
+        pending = [p for p in pending if p.sentinel not in done]
+        if pending and not shutdown_event.is_set():
+            # One worker died on its own: bring the others down rather than serve half a pool.
+            logger.error("a worker exited unexpectedly; stopping the others")
+            shutdown_event.set()
+    for p in processes:
+        p.join()
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from server import db
+
+    settings = Settings.from_env()
+    _setup_logging(settings.log_level)
+    settings, embedded = _resolve_environment(settings)
+    assert settings.database_url is not None
+    try:
+        applied = asyncio.run(db.migrate(settings.database_url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from server.app import resolve_secret
+    from server.auth import issue_token
+
+    settings = Settings.from_env()
+    secret = resolve_secret(settings, embedded=settings.database_url is None)
+    print(issue_token(secret, args.sub, ttl=args.ttl, scopes=args.scope or ()))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"taskstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the SSE API (applies migrations first)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--certfile", help="TLS certificate (enables HTTP/2 over TLS)")
+    serve.add_argument("--keyfile", help="TLS private key")
+    serve.set_defaults(func=_serve)
+
+    migrate = sub.add_parser("migrate", help="apply pending migrations and exit")
+    migrate.set_defaults(func=_migrate)
+
+    token = sub.add_parser("token", help="print a signed JWT for SUB")
+    token.add_argument("sub")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.add_argument("--scope", action="append", help="add a scope (repeatable)")
+    token.set_defaults(func=_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "workers", 1) < 1:
+        print("taskstream: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if getattr(args, "certfile", None) and not getattr(args, "keyfile", None):
+        print("taskstream: --certfile needs --keyfile", file=sys.stderr)
+        return 2
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"taskstream: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from server.broker import ListenerSelfCheckFailed
+        from server.db import CONNECTION_ERRORS
+
+        if isinstance(exc, ListenerSelfCheckFailed):
+            print(f"taskstream: refusing to start: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, CONNECTION_ERRORS):
+            print(
+                f"taskstream: cannot reach PostgreSQL: {type(exc).__name__}: {exc}", file=sys.stderr
+            )
+            return 1
+        raise
+    return result

@@ -1,0 +1,109 @@
+"""Settings, read once from the environment.
+
+Every setting is an environment variable so that the same values work for the CLI, for each
+Hypercorn worker process (which inherits the environment) and for docker-compose.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+__all__ = ["ConfigError", "Settings"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value that taskstream cannot run with."""
+
+
+def _float(env: dict[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory for the embedded PostgreSQL and the generated secret."""
+    return Path(platformdirs.user_data_dir("taskstream", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings. Build with :meth:`from_env`; tests override fields with ``replace``."""
+
+    database_url: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    jwt_secret: str | None = None
+    stream_timeout: float = 600.0
+    heartbeat: float = 15.0
+    retry_ms: int = 3000
+    fallback_poll: float = 2.0
+    send_timeout: float = 30.0
+    shutdown_grace: float = 5.0
+    max_streams: int = 10_000
+    max_streams_per_user: int = 100
+    listener_check_interval: float = 5.0
+    error_max_chars: int = 1000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+        heartbeat = _float(e, "TASKSTREAM_HEARTBEAT", 15.0, minimum=0.05)
+        if heartbeat >= 45:
+            # event-source-polyfill drops a connection that is silent for 45 s (its default
+            # heartbeatTimeout), so a slower heartbeat makes that client reconnect forever.
+            raise ConfigError(
+                f"TASKSTREAM_HEARTBEAT must be below 45 seconds (got {heartbeat:g}): "
+                "event-source-polyfill closes a stream that is silent for 45 s"
+            )
+        data_dir = e.get("TASKSTREAM_DATA_DIR", "")
+        return cls(
+            database_url=e.get("DATABASE_URL") or None,
+            data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
+            jwt_secret=e.get("TASKSTREAM_JWT_SECRET") or None,
+            stream_timeout=_float(e, "TASKSTREAM_STREAM_TIMEOUT", 600.0, minimum=0.05),
+            heartbeat=heartbeat,
+            retry_ms=_int(e, "TASKSTREAM_RETRY_MS", 3000, minimum=0),
+            fallback_poll=_float(e, "TASKSTREAM_FALLBACK_POLL", 2.0, minimum=0.05),
+            send_timeout=_float(e, "TASKSTREAM_SEND_TIMEOUT", 30.0, minimum=0.05),
+            shutdown_grace=_float(e, "TASKSTREAM_SHUTDOWN_GRACE", 5.0, minimum=0.0),
+            max_streams=_int(e, "TASKSTREAM_MAX_STREAMS", 10_000, minimum=1),
+            max_streams_per_user=_int(e, "TASKSTREAM_MAX_STREAMS_PER_USER", 100, minimum=1),
+            listener_check_interval=_float(e, "TASKSTREAM_LISTENER_CHECK", 5.0, minimum=0.05),
+            log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
+        )
