@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "taskstream"
 SELFCHECK_CHANNEL = "taskstream_selfcheck"
+# Shown in pg_stat_activity, so operators (and tests) can find each process's LISTEN connection.
+LISTENER_APP_NAME = "taskstream-listener"
 
 
 class ListenerSelfCheckFailed(RuntimeError):
@@ -241,7 +243,7 @@ class Broker:
         self._lost.set()
 
     async def _connect_listener(self) -> None:
-        conn = await db.connect(self._dsn)
+        conn = await db.connect(self._dsn, server_settings={"application_name": LISTENER_APP_NAME})
         try:
             conn.add_termination_listener(self._on_termination)
             await conn.add_listener(CHANNEL, self._on_notification)

@@ -73,7 +73,12 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
 
 async def create_pool(dsn: str, *, min_size: int = 0, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, timeout=5, command_timeout=10
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=5,
+        command_timeout=10,
+        server_settings={"application_name": "taskstream"},
     )
     assert pool is not None
     return pool

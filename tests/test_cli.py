@@ -1,0 +1,184 @@
+"""The `taskstream` command as a user runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from server.auth import TokenVerifier
+from tests.conftest import SECRET, create_task
+from tests.sse_client import open_stream
+
+
+class ServeProcess:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.output: list[str] = []
+        self.url = ""
+
+    async def wait_ready(self, ready_lines: int = 1, timeout: float = 60) -> None:
+        async def read() -> None:
+            assert self.proc.stdout is not None
+            seen = 0
+            while True:
+                line = (await self.proc.stdout.readline()).decode()
+                if not line:
+                    raise AssertionError("server exited early:\n" + "".join(self.output))
+                self.output.append(line)
+                m = re.search(r"listening on (http://\S+)", line)
+                if m:
+                    self.url = m.group(1)
+                if "taskstream ready" in line:
+                    seen += 1
+                    if seen >= ready_lines:
+                        return
+
+        await asyncio.wait_for(read(), timeout)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        self.output.append(out.decode())
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+async def start_serve(env: dict[str, str], *args: str) -> ServeProcess:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        "0",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return ServeProcess(proc)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKSTREAM_", "DATABASE_"))}
+    env.update(extra)
+    return env
+
+
+def _postgres_running(pgdata: Path) -> bool:
+    pid_file = pgdata / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_serve_embedded_streams_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
+    """No DATABASE_URL: embedded PostgreSQL, generated secret, migrations, stream, clean exit."""
+    env = _clean_env(TASKSTREAM_DATA_DIR=str(tmp_path))
+    serve = await start_serve(env)
+    try:
+        await serve.wait_ready()
+        assert serve.url.startswith("http://127.0.0.1:")
+        secret_file = tmp_path / "jwt_secret"
+        assert secret_file.exists() and oct(secret_file.stat().st_mode)[-3:] == "600"
+        assert _postgres_running(tmp_path / "pgdata")
+
+        token = subprocess.run(
+            [sys.executable, "-m", "server", "token", "alice", "--ttl", "60"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert TokenVerifier(secret_file.read_text()).verify(token).user_id == "alice"
+
+        conn = await asyncpg.connect(
+            host=str(tmp_path / "pgdata"), user="postgres", database="postgres"
+        )
+        try:
+            await create_task(conn, "t1")
+            async with httpx.AsyncClient() as client:
+                url = f"{serve.url}/api/v1/sse/tasks/t1/progress"
+                async with open_stream(client, url, token=token) as s:
+                    assert (await s.next(5)).event == "progress"
+                    await conn.execute("UPDATE taskstream.tasks SET state='success' WHERE id='t1'")
+                    assert (await s.next(5)).json()["state"] == "success"
+                    assert (await s.next(5)).event == "complete"
+        finally:
+            await conn.close()
+    finally:
+        code = await serve.stop(sig)
+    assert code == 0, "".join(serve.output)
+    assert "Traceback" not in "".join(serve.output)
+    assert not _postgres_running(tmp_path / "pgdata"), "embedded PostgreSQL left running"
+
+
+async def test_serve_workers_each_hold_one_listen_connection(database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    serve = await start_serve(env, "--workers", "2")
+    try:
+        await serve.wait_ready(ready_lines=2)
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'taskstream-listener'"
+                " AND datname = current_database()"
+            )
+        finally:
+            await conn.close()
+        assert len(rows) == 2
+    finally:
+        code = await serve.stop()
+    assert code == 0, "".join(serve.output)
+
+
+async def test_token_needs_a_secret_when_database_url_is_set(database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=database_url)
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "token", "alice"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "TASKSTREAM_JWT_SECRET" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_migrate_command_is_idempotent(database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "applied 0 migration(s)" in r.stdout
+
+
+async def test_unreachable_database_is_a_clear_error() -> None:
+    env = _clean_env(
+        DATABASE_URL="postgresql://postgres@127.0.0.1:1/none", TASKSTREAM_JWT_SECRET=SECRET
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "cannot reach PostgreSQL" in r.stderr and "Traceback" not in r.stderr
