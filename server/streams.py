@@ -25,7 +25,7 @@ from quart import Blueprint, Response, request
 
 from server import db, events, sse
 from server.auth import Principal
-from server.broker import StreamLimitExceeded, Subscription
+from server.broker import StreamLimitExceeded, Subscription, is_new_for_owner_stream
 from server.events import TaskState
 from server.http import authenticate, json_error, runtime
 
@@ -233,9 +233,14 @@ async def tasks_stream() -> Response:
     sub = opened
     try:
         if owner_wide:
-            rows = await db.fetch_open_tasks(rt.pool, principal.user_id)
+            rows, sub.created_after = await db.fetch_open_tasks(rt.pool, principal.user_id)
             for tid in rows:
                 rt.broker.watch(sub, tid)
+            # Drop what arrived for tasks that existed but were not open at the snapshot.
+            for tid in [t for t in sub.pending if t not in rows]:
+                if not is_new_for_owner_stream(sub.pending[tid], sub.created_after):
+                    del sub.pending[tid]
+                    rt.broker.unwatch(sub, tid)
         else:
             rows = await db.fetch_tasks(rt.pool, ids)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
