@@ -22,6 +22,7 @@ from server.config import ConfigError, Settings
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.sendtimeout import SendTimeoutMiddleware
+from server.snapshots import SnapshotReader
 
 __all__ = ["Runtime", "create_app", "resolve_secret"]
 
@@ -39,6 +40,10 @@ class Runtime:
     broker: Broker = field(init=False)
     draining: bool = False
     send_timeouts: int = 0
+    snapshots: SnapshotReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshots = SnapshotReader(lambda: self.pool)
 
     def count_send_timeout(self) -> None:
         self.send_timeouts += 1

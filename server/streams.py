@@ -177,7 +177,7 @@ async def task_progress(task_id: str) -> Response:
         return opened
     sub = opened
     try:
-        snapshot = await db.fetch_task(rt.pool, task_id)
+        snapshot = await rt.snapshots.get(task_id)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
         rt.broker.unsubscribe(sub)
         return _unavailable()
