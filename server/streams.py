@@ -71,6 +71,21 @@ def _last_event_id() -> int | None:
     return value if value >= 0 else None
 
 
+def _stream_ended() -> Response:
+    """The answer to a reconnect after the stream ended for good: it must stop the client.
+
+    204 is the SSE standard's signal, and native EventSource and Node's ``eventsource`` stop on
+    it. event-source-polyfill (1.0.31) does not: with its fetch transport (every current browser,
+    and Node) a 204 has no body, ``response.body.getReader()`` throws, and the polyfill treats
+    that as a network error and reconnects, with back-off, forever. It stops on any other
+    non-200 status that has a body, and it is the client that resumes with the ``lastEventId``
+    query parameter, so that reconnect gets ``410 Gone`` with the usual JSON error body.
+    """
+    if "Last-Event-ID" not in request.headers and "lastEventId" in request.args:
+        return json_error(410, "Stream ended", "this stream has ended for good; do not reconnect")
+    return Response("", status=204)
+
+
 def _stream_response(body: AsyncIterator[bytes]) -> Response:
     response = Response(body, status=200, headers=SSE_HEADERS)
     response.timeout = None  # a stream lives until it ends, not until Quart's response timeout
@@ -86,9 +101,8 @@ async def task_progress(task_id: str) -> Response:
     rt = runtime()
     last_id = _last_event_id()
     if last_id == -1:
-        # The client already received the final not-found event of this stream: 204 tells every
-        # EventSource implementation to stop reconnecting.
-        return Response("", status=204)
+        # The client already received the final not-found event of this stream.
+        return _stream_ended()
     if rt.draining:
         return json_error(503, "Server is shutting down", Retry_After="1")
     if not rt.broker.connected.is_set():
@@ -114,7 +128,7 @@ async def task_progress(task_id: str) -> Response:
     sub.mark_sent(snapshot)
     if snapshot.terminal and last_id is not None and last_id >= snapshot.version:
         rt.broker.unsubscribe(sub)
-        return Response("", status=204)
+        return _stream_ended()
     send_snapshot = last_id is None or last_id < snapshot.version
     return _stream_response(_run(rt, sub, snapshot, send_snapshot, principal.expires_at))
 
