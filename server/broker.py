@@ -112,6 +112,11 @@ class Subscription:
     def mark_sent(self, state: TaskState) -> None:
         if state.version > self.sent.get(state.id, 0):
             self.sent[state.id] = state.version
+        # A NOTIFY of this very version can land between subscribe() and the snapshot read;
+        # without this the stream would send that version twice.
+        pending = self.pending.get(state.id)
+        if pending is not None and not pending.deleted and pending.version <= state.version:
+            del self.pending[state.id]
 
     def close(self, reason: str) -> None:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""
