@@ -30,7 +30,7 @@ from urllib.parse import unquote
 from tests.conftest import LiveServer
 
 NODE_DIR = Path(__file__).parent / "node"
-PAGE = Path(__file__).parent / "browser" / "sse_page.html"
+PAGE = NODE_DIR / "sse_page.html"
 POLYFILL_JS = NODE_DIR / "node_modules" / "event-source-polyfill" / "src" / "eventsource.js"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
