@@ -22,6 +22,7 @@ from server.config import ConfigError, Settings
 from server.cors import apply_cors
 from server.embedded import load_or_create_secret
 from server.http import json_error
+from server.sendtimeout import SendTimeoutMiddleware
 
 __all__ = ["Runtime", "create_app", "resolve_secret"]
 
@@ -38,6 +39,10 @@ class Runtime:
     pool: asyncpg.Pool = field(init=False)
     broker: Broker = field(init=False)
     draining: bool = False
+    send_timeouts: int = 0
+
+    def count_send_timeout(self) -> None:
+        self.send_timeouts += 1
 
     async def drain(self) -> None:
         """Graceful shutdown, step one: refuse new streams and ask open ones to close.
@@ -84,6 +89,10 @@ def create_app(settings: Settings | None = None) -> Quart:
     from server.streams import blueprint as streams_blueprint
 
     app.register_blueprint(streams_blueprint)
+    send_timeout = SendTimeoutMiddleware(
+        app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
+    )
+    app.asgi_app = send_timeout  # type: ignore[method-assign]
 
     @app.before_serving
     async def _start() -> None:
@@ -105,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.after_serving
     async def _stop() -> None:
+        await send_timeout.close()
         await runtime.broker.stop()
         await runtime.pool.close()
 

@@ -104,19 +104,20 @@ class Subscription:
             return []
         states = sorted(self.pending.values(), key=lambda s: s.version)
         self.pending.clear()
+        out = []
         for s in states:
-            if s.version > self.sent.get(s.id, 0):
+            sent = self.sent.get(s.id, 0)
+            if s.deleted:
+                out.append(s)
+            elif s.version > sent:
+                # A state may have been offered before the stream marked its snapshot as sent.
                 self.sent[s.id] = s.version
-        return states
+                out.append(s)
+        return out
 
     def mark_sent(self, state: TaskState) -> None:
         if state.version > self.sent.get(state.id, 0):
             self.sent[state.id] = state.version
-        # A NOTIFY of this very version can land between subscribe() and the snapshot read;
-        # without this the stream would send that version twice.
-        pending = self.pending.get(state.id)
-        if pending is not None and not pending.deleted and pending.version <= state.version:
-            del self.pending[state.id]
 
     def close(self, reason: str) -> None:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""

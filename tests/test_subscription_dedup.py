@@ -1,5 +1,5 @@
-"""Regression: a NOTIFY that lands between subscribe() and the snapshot read must not make the
-stream send the snapshot's version twice (seen once as a flaky
+"""Regression (fixed on main in take()): a NOTIFY that lands between subscribe() and the
+snapshot read must not make the stream send the snapshot's version twice (seen once as a flaky
 test_field_values_cannot_inject_events: a second `pending` progress with the same id)."""
 
 from __future__ import annotations
