@@ -19,6 +19,7 @@ from server import db
 from server.auth import AuthError, TokenVerifier
 from server.broker import Broker
 from server.config import ConfigError, Settings
+from server.cors import apply_cors
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.sendtimeout import SendTimeoutMiddleware
@@ -87,6 +88,8 @@ def create_app(settings: Settings | None = None) -> Quart:
     app = Quart("taskstream")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
+    # App-wide, so routes that other modules register later get the same CORS answers.
+    apply_cors(app, settings.cors_origins)
 
     from server.streams import blueprint as streams_blueprint
 

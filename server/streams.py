@@ -90,6 +90,17 @@ def _stream_response(body: AsyncIterator[bytes]) -> Response:
 
 
 def _no_content() -> Response:
+    """The answer to a reconnect after the stream ended for good: it must stop the client.
+
+    204 is the SSE standard's signal, and native EventSource and Node's ``eventsource`` stop on
+    it. event-source-polyfill (1.0.31) does not: with its fetch transport (every current browser,
+    and Node) a 204 has no body, ``response.body.getReader()`` throws, and the polyfill treats
+    that as a network error and reconnects, with back-off, forever. It stops on any other
+    non-200 status that has a body, and it is the client that resumes with the ``lastEventId``
+    query parameter, so that reconnect gets ``410 Gone`` with the usual JSON error body.
+    """
+    if "Last-Event-ID" not in request.headers and "lastEventId" in request.args:
+        return json_error(410, "Stream ended", "this stream has ended for good; do not reconnect")
     return Response("", status=204)
 
 
