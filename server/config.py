@@ -79,6 +79,7 @@ class Settings:
     listener_check_interval: float = 5.0
     error_max_chars: int = 1000
     log_level: str = "INFO"
+    metrics_sample_interval: float = 10.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -106,4 +107,5 @@ class Settings:
             max_streams_per_user=_int(e, "TASKSTREAM_MAX_STREAMS_PER_USER", 100, minimum=1),
             listener_check_interval=_float(e, "TASKSTREAM_LISTENER_CHECK", 5.0, minimum=0.05),
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
+            metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
         )
