@@ -45,6 +45,7 @@ def _metrics_multiprocess_dir(workers: int) -> str | None:
         return None
     path = tempfile.mkdtemp(prefix="taskstream-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    logger.info("metrics of %d workers merged through %s", workers, path)
     return path
 
 

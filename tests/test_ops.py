@@ -7,7 +7,10 @@ test compares a scrape of ``/metrics`` before and after, never absolute values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -16,9 +19,11 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, create_task
+from server.auth import issue_token
+from tests.conftest import SECRET, LiveServer, create_task
 from tests.scrape import Samples, scrape, value
 from tests.sse_client import open_stream
+from tests.test_cli import _clean_env, start_serve
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -269,3 +274,37 @@ async def test_notification_queue_usage_is_sampled(
     finally:
         await stuck.close()
         await sender.close()
+
+
+async def test_metrics_add_up_across_workers(database_url: str, sql: asyncpg.Connection) -> None:
+    """`serve --workers 2`: whichever worker answers /metrics reports the streams of both."""
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    serve = await start_serve(env, "--workers", "2")
+    metrics_dir = ""
+    try:
+        await serve.wait_ready(ready_lines=2)
+        m = re.search(r"merged through (\S+?)\"", "".join(serve.output))
+        assert m, "".join(serve.output)
+        metrics_dir = m.group(1)
+        token = issue_token(SECRET, "alice", ttl=60)
+        n = 6
+        for i in range(n):
+            await create_task(sql, f"t{i}")
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=10))
+            for i in range(n):
+                url = f"{serve.url}/api/v1/sse/tasks/t{i}/progress"
+                s = await stack.enter_async_context(open_stream(client, url, token=token))
+                await s.next(5)
+            # A new connection per scrape, so the kernel may hand each to either worker.
+            for _ in range(6):
+                async with httpx.AsyncClient(timeout=10) as fresh:
+                    samples = await scrape(fresh, serve.url)
+                assert value(samples, "taskstream_streams_open") == n
+                assert value(samples, "taskstream_listener_connected") == 2
+    finally:
+        code = await serve.stop()
+    assert code == 0, "".join(serve.output)
+    # One stat of a local path after the server exited: nothing to wait for.
+    gone = not os.path.exists(metrics_dir)  # noqa: ASYNC240
+    assert metrics_dir and gone, "metrics directory left behind"
