@@ -92,9 +92,10 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     app.register_blueprint(streams_blueprint)
     app.register_blueprint(ops_blueprint)
-    app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
+    send_timeout = SendTimeoutMiddleware(
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
+    app.asgi_app = send_timeout  # type: ignore[method-assign]
 
     @app.before_serving
     async def _start() -> None:
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Quart:
                 await runtime.sampler
             except asyncio.CancelledError:
                 pass
+        await send_timeout.close()
         await runtime.broker.stop()
         await runtime.pool.close()
 

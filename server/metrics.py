@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,7 +43,10 @@ __all__ = [
     "STREAM_DURATION",
     "STREAM_ERRORS",
     "GaugedEvent",
+    "count_sent",
+    "error_reason",
     "event_type",
+    "split_events",
     "render",
 ]
 
@@ -99,6 +103,23 @@ NOTIFY_QUEUE_USAGE = Gauge(
 
 # Stream-ending error events, told apart by their (fixed, server-written) data.
 _ERROR_REASONS = ((b"Token expired", "token_expired"), (b"Task not found", "not_found"))
+
+
+_sent_by_type: dict[str, Any] = {}
+
+
+def count_sent(kind: str) -> None:
+    """``EVENTS_SENT.labels(kind).inc()``, with the labelled child cached: this runs once per
+    event per client, on the fan-out path."""
+    child = _sent_by_type.get(kind)
+    if child is None:
+        child = _sent_by_type[kind] = EVENTS_SENT.labels(kind)
+    child.inc()
+
+
+def split_events(chunk: bytes) -> list[bytes]:
+    """The events in one written chunk (each :mod:`server.sse` event ends with a blank line)."""
+    return [part + b"\n\n" for part in chunk.split(b"\n\n") if part]
 
 
 def event_type(chunk: bytes) -> str:

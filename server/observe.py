@@ -2,18 +2,23 @@
 
 It wraps a stream's body from the outside, so the stream logic in :mod:`server.streams` stays
 about delivery. Every chunk is counted *after* the server wrote it (Quart asks for the next chunk
-only once ``send`` of the previous one returned), and the reason a stream ended is read off the
-last event it wrote; a body closed before its end means the client went away (or was cut off by
-the send timeout, which :mod:`server.sendtimeout` counts itself).
+only once ``send`` of the previous one returned), event by event (the stream coalesces what is
+ready into one write, so a chunk is split at the blank line that ends each event), and the reason
+a stream ended is read off the last event it wrote. A body closed before its end means the
+client went away (or was cut off by the send timeout, which :mod:`server.sendtimeout` counts).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
 
 from server import metrics
+
+if TYPE_CHECKING:
+    from server.events import TaskState
 
 __all__ = ["observe_push", "observed"]
 
@@ -46,8 +51,9 @@ async def observed(body: AsyncIterator[bytes], *, path: str) -> AsyncIterator[by
     try:
         async for chunk in body:
             yield chunk
-            metrics.EVENTS_SENT.labels(metrics.event_type(chunk)).inc()
-            last = chunk
+            for event in metrics.split_events(chunk):
+                metrics.count_sent(metrics.event_type(event))
+                last = event
         reason = _close_reason(last)
     finally:
         aclose = getattr(body, "aclose", None)
@@ -69,11 +75,13 @@ async def observed(body: AsyncIterator[bytes], *, path: str) -> AsyncIterator[by
         )
 
 
-def observe_push(committed_ts: float | None) -> None:
-    """Record commit-to-socket latency for a state that came from a notification.
+def observe_push(states: Iterable[TaskState]) -> None:
+    """Record commit-to-socket latency for states just written that came from a notification.
 
     ``committed_ts`` is the trigger's ``clock_timestamp()`` (PostgreSQL's clock, epoch seconds);
     states read from the table (snapshots, resyncs) have none and are not observed.
     """
-    if committed_ts is not None:
-        metrics.PUSH_LATENCY.observe(max(0.0, time.time() - committed_ts))
+    now = time.time()
+    for state in states:
+        if state.committed_ts is not None:
+            metrics.PUSH_LATENCY.observe(max(0.0, now - state.committed_ts))
