@@ -308,3 +308,30 @@ async def test_metrics_add_up_across_workers(database_url: str, sql: asyncpg.Con
     # One stat of a local path after the server exited: nothing to wait for.
     gone = not os.path.exists(metrics_dir)  # noqa: ASYNC240
     assert metrics_dir and gone, "metrics directory left behind"
+
+
+def test_a_coalesced_write_is_counted_event_by_event() -> None:
+    from server import events, metrics, sse
+    from server.events import TaskState
+
+    state = TaskState(id="t1", owner_id="alice", version=2, state="success")
+    chunk = b"".join(
+        [sse.retry(3000), state.progress_event(), events.complete_event(state), sse.comment("hb")]
+    )
+    kinds = [metrics.event_type(e) for e in metrics.split_events(chunk)]
+    assert kinds == ["retry", "progress", "complete", "heartbeat"]
+    assert metrics.error_reason(events.not_found_event()) == "not_found"
+    assert metrics.error_reason(events.token_expired_event()) == "token_expired"
+
+
+async def test_multi_task_snapshot_counts_every_event(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    for tid in ("a", "b", "c"):
+        await create_task(sql, tid)
+    before = await scrape(client, server.url)
+    url = f"{server.url}/api/v1/sse/tasks?ids=a,b,c"
+    async with open_stream(client, url, token=server.token()) as s:
+        for _ in range(3):
+            assert (await s.next()).event == "progress"
+        await moved(client, server, before, "taskstream_events_sent_total", by=3, type="progress")
