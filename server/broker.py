@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -23,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from server import db
+from server import db, metrics
 from server.events import TaskState
 
 __all__ = [
@@ -100,6 +101,7 @@ class Subscription:
             if not state.deleted and state.version <= current.version:
                 return  # the same state from NOTIFY and from resync, or an older one
             self.conflated += 1
+            metrics.EVENTS_CONFLATED.inc()
         self.pending[state.id] = state
         self.wakeup.set()
 
@@ -171,7 +173,8 @@ class Broker:
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self.connected = asyncio.Event()
+        # Mirrored into the taskstream_listener_connected gauge wherever it is set or cleared.
+        self.connected: asyncio.Event = metrics.GaugedEvent(metrics.LISTENER_CONNECTED)
         # Counters read by tests and by the metrics module.
         self.notifications = 0
         self.reconnects = 0
@@ -261,6 +264,7 @@ class Broker:
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
+        metrics.NOTIFICATIONS.inc()
         try:
             state = TaskState.from_notification(payload)
         except (ValueError, KeyError, TypeError):
@@ -366,7 +370,11 @@ class Broker:
             await self._recover()
 
     async def _recover(self) -> None:
-        logger.warning("LISTEN connection lost; polling subscribed tasks until it is back")
+        logger.warning(
+            "LISTEN connection lost; polling subscribed tasks until it is back",
+            extra={"event": "listener_lost"},
+        )
+        lost_at = time.monotonic()
         self.connected.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -390,8 +398,16 @@ class Broker:
             except asyncio.CancelledError:
                 pass
         self.reconnects += 1
+        metrics.LISTENER_RECONNECTS.inc()
         await self.resync()
-        logger.warning("LISTEN connection restored (reconnect #%d); resynced", self.reconnects)
+        logger.warning(
+            "LISTEN connection restored (reconnect #%d); resynced",
+            self.reconnects,
+            extra={
+                "event": "listener_restored",
+                "down_s": round(time.monotonic() - lost_at, 3),
+            },
+        )
 
     async def resync(self) -> None:
         """Read every subscribed task in one query and hand over whatever moved (or vanished)."""

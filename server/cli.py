@@ -12,8 +12,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event as MPEvent
 from typing import Any
@@ -27,12 +29,24 @@ logger = logging.getLogger("server.cli")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
+    from server.logs import setup_logging
+
+    setup_logging(level)
+
+
+def _metrics_multiprocess_dir(workers: int) -> str | None:
+    """With several workers, give prometheus-client a shared directory (see server/metrics.py).
+
+    Returns the directory this command created, to remove at exit; None when there is nothing
+    to clean up (one worker, or a directory the operator chose with PROMETHEUS_MULTIPROC_DIR).
+    Set before anything imports prometheus_client: it picks its storage at import time.
+    """
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="taskstream-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    logger.info("metrics of %d workers merged through %s", workers, path)
+    return path
 
 
 def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
@@ -78,6 +92,10 @@ def _hypercorn_config(args: argparse.Namespace, settings: Settings) -> Any:
     config.backlog = 4096
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    # A structured access log built from the path only: never the query string or headers.
+    from server.logs import AccessLogger
+
+    config.logger_class = AccessLogger
     if args.certfile:
         config.certfile = args.certfile
         config.keyfile = args.keyfile
@@ -136,6 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
     sockets = config.create_sockets()
     all_sockets = sockets.secure_sockets + sockets.insecure_sockets
     embedded = None
+    metrics_dir = _metrics_multiprocess_dir(args.workers)
     try:
         settings, embedded = _resolve_environment(settings)
         assert settings.database_url is not None
@@ -156,6 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
             sock.close()
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("taskstream stopped")
     return 0
 

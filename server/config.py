@@ -89,6 +89,7 @@ class Settings:
     error_max_chars: int = 1000
     log_level: str = "INFO"
     cors_origins: tuple[str, ...] = ()
+    metrics_sample_interval: float = 10.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -117,4 +118,5 @@ class Settings:
             listener_check_interval=_float(e, "TASKSTREAM_LISTENER_CHECK", 5.0, minimum=0.05),
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
             cors_origins=_origins(e, "TASKSTREAM_CORS_ORIGINS"),
+            metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
         )

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 import asyncpg
 from quart import Blueprint, Response, request
 
-from server import db, events, sse
+from server import db, events, metrics, sse
 from server.auth import Principal
 from server.broker import StreamLimitExceeded, Subscription, is_new_for_owner_stream
 from server.events import TaskState
 from server.http import authenticate, json_error, runtime
+from server.observe import observe_push, observed
 
 if TYPE_CHECKING:
     from server.app import Runtime
@@ -84,7 +85,8 @@ def _parse_version(raw: str | None) -> int | None:
 
 
 def _stream_response(body: AsyncIterator[bytes]) -> Response:
-    response = Response(body, status=200, headers=SSE_HEADERS)
+    # observed(): stream metrics and open/close logs (server/observe.py).
+    response = Response(observed(body, path=request.path), status=200, headers=SSE_HEADERS)
     response.timeout = None  # a stream lives until it ends, not until Quart's response timeout
     return response
 
@@ -105,6 +107,7 @@ def _no_content() -> Response:
 
 
 def _unavailable() -> Response:
+    metrics.STREAM_ERRORS.labels("unavailable").inc()
     return json_error(503, "Database unavailable", Retry_After="2")
 
 
@@ -120,6 +123,7 @@ def _open_subscription(
             principal.user_id, task_ids, owner_id=principal.user_id if owner_wide else None
         )
     except StreamLimitExceeded as exc:
+        metrics.STREAM_ERRORS.labels("limit").inc()
         return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
     # Whatever happens next (a disconnect before the body starts included), the end of the
     # request task releases the mailbox; unsubscribe() is idempotent, so other paths may too.
@@ -318,11 +322,14 @@ async def _run(stream: _Stream) -> AsyncIterator[bytes]:
         while not stream.done:
             if sub.pending:
                 chunks: list[bytes] = []
+                pushed: list[TaskState] = []
                 for state in sub.take():
                     if state.id in stream.open_ids or stream.owner_wide:
                         chunks.extend(stream.finish(state))
+                        pushed.append(state)
                 if chunks:
                     yield b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                    observe_push(pushed)  # after the write: commit -> socket
                 continue
             if sub.closing is not None:
                 yield _retry_field(settings.retry_ms)
