@@ -74,13 +74,21 @@ def create_app(settings: Settings | None = None) -> Quart:
         verifier=TokenVerifier(resolve_secret(settings, embedded=False)),
     )
 
-    app = Quart("taskstream")
+    # No app-level static folder: it would serve ./static of whatever directory the server was
+    # started in, and shadow the web blueprint's /static/ (the packaged server/static).
+    app = Quart("taskstream", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
 
     from server.streams import blueprint as streams_blueprint
+    from server.web import blueprint as web_blueprint
 
     app.register_blueprint(streams_blueprint)
+    app.register_blueprint(web_blueprint)
+    if settings.demo:
+        from server.demo import blueprint as demo_blueprint
+
+        app.register_blueprint(demo_blueprint)
 
     @app.before_serving
     async def _start() -> None:

@@ -126,6 +126,9 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.demo:
+        # Workers are spawned processes: they learn about demo mode from the environment.
+        os.environ["TASKSTREAM_DEMO"] = "1"
     settings = Settings.from_env()
     _setup_logging(settings.log_level)
     config = _hypercorn_config(args, settings)
@@ -140,6 +143,16 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = all_sockets[0].getsockname()[:2]
         scheme = "https" if args.certfile else "http"
         print(f"taskstream listening on {scheme}://{host}:{port}", flush=True)
+        if settings.demo:
+            print(
+                f"demo mode: open {scheme}://{host}:{port}/ (local use only: anyone who can "
+                "reach this port gets a token for the demo user)",
+                flush=True,
+            )
+            if not _is_loopback(args.host):
+                logger.warning(
+                    "demo mode on a non-loopback address (%s): never in production", args.host
+                )
         if args.workers <= 1:
             _worker(config, sockets)
         else:
@@ -151,6 +164,17 @@ def _serve(args: argparse.Namespace) -> int:
             embedded.stop()
     logger.info("taskstream stopped")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _run_workers(config: Any, sockets: Any) -> None:
@@ -225,6 +249,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--certfile", help="TLS certificate (enables HTTP/2 over TLS)")
     serve.add_argument("--keyfile", help="TLS private key")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="local try-out: demo page with a token endpoint for user 'demo' and a simulated "
+        "worker (never in production)",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser("migrate", help="apply pending migrations and exit")

@@ -79,6 +79,10 @@ class Settings:
     listener_check_interval: float = 5.0
     error_max_chars: int = 1000
     log_level: str = "INFO"
+    # Demo mode (`taskstream serve --demo`): a token endpoint for a fixed user and a simulated
+    # worker. For a local try-out only, never for production.
+    demo: bool = False
+    demo_speed: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -106,4 +110,6 @@ class Settings:
             max_streams_per_user=_int(e, "TASKSTREAM_MAX_STREAMS_PER_USER", 100, minimum=1),
             listener_check_interval=_float(e, "TASKSTREAM_LISTENER_CHECK", 5.0, minimum=0.05),
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
+            demo=_bool(e, "TASKSTREAM_DEMO", False),
+            demo_speed=_float(e, "TASKSTREAM_DEMO_SPEED", 1.0, minimum=0.01),
         )
