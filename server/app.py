@@ -21,6 +21,7 @@ from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.embedded import load_or_create_secret
 from server.http import json_error
+from server.sendtimeout import SendTimeoutMiddleware
 
 __all__ = ["Runtime", "create_app", "resolve_secret"]
 
@@ -37,6 +38,10 @@ class Runtime:
     pool: asyncpg.Pool = field(init=False)
     broker: Broker = field(init=False)
     draining: bool = False
+    send_timeouts: int = 0
+
+    def count_send_timeout(self) -> None:
+        self.send_timeouts += 1
 
     async def drain(self) -> None:
         """Graceful shutdown, step one: refuse new streams and ask open ones to close.
@@ -89,6 +94,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         from server.demo import blueprint as demo_blueprint
 
         app.register_blueprint(demo_blueprint)
+    app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
+        app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
+    )
 
     @app.before_serving
     async def _start() -> None:

@@ -52,14 +52,14 @@ class TokenVerifier:
             raise ValueError("a JWT secret is required")
         self._key = _import_key(secret)
         self._algorithms = list(algorithms)
-        self._leeway = leeway
+        self.leeway = leeway
 
     def verify(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError("Token too large", token_sent=True)
         try:
             decoded = jwt.decode(token, self._key, algorithms=self._algorithms)
-            registry = jwt.JWTClaimsRegistry(leeway=self._leeway, exp={"essential": True})
+            registry = jwt.JWTClaimsRegistry(leeway=self.leeway, exp={"essential": True})
             registry.validate(decoded.claims)
         except JoseError as exc:
             raise AuthError(_describe(exc), token_sent=True) from None

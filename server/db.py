@@ -21,6 +21,7 @@ __all__ = [
     "DatabaseUnavailable",
     "connect",
     "create_pool",
+    "fetch_open_tasks",
     "fetch_task",
     "fetch_tasks",
     "migrate",
@@ -130,6 +131,16 @@ def _row_to_state(row: asyncpg.Record) -> TaskState:
 async def fetch_task(pool: asyncpg.Pool, task_id: str) -> TaskState | None:
     row = await pool.fetchrow(f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE id = $1", task_id)
     return None if row is None else _row_to_state(row)
+
+
+async def fetch_open_tasks(pool: asyncpg.Pool, owner_id: str) -> dict[str, TaskState]:
+    """Every non-terminal task of one owner, oldest first (the owner-wide stream's start)."""
+    rows = await pool.fetch(
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE owner_id = $1"
+        " AND state NOT IN ('success', 'failed', 'cancelled') ORDER BY created_at, id",
+        owner_id,
+    )
+    return {r["id"]: _row_to_state(r) for r in rows}
 
 
 async def fetch_tasks(

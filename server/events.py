@@ -19,6 +19,7 @@ __all__ = [
     "complete_event",
     "not_found_event",
     "timeout_event",
+    "token_expired_event",
 ]
 
 TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
@@ -49,6 +50,7 @@ class TaskState:
     deleted: bool = False
     # Epoch seconds stamped by the trigger (clock_timestamp()), for push-latency measurements.
     committed_ts: float | None = None
+    _progress_json: str | None = field(default=None, repr=False, compare=False)
     _progress_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -101,30 +103,39 @@ class TaskState:
             "version": self.version,
         }
 
+    def progress_json(self) -> str:
+        """The ``progress`` data, encoded once per state however many clients receive it."""
+        if self._progress_json is None:
+            self._progress_json = json.dumps(self.progress_data(), separators=(",", ":"))
+        return self._progress_json
+
     def progress_event(self) -> bytes:
+        """The whole single-task ``progress`` event (``id`` is the version), cached."""
         if self._progress_bytes is None:
             self._progress_bytes = sse.encode(
-                json.dumps(self.progress_data(), separators=(",", ":")),
-                event="progress",
-                id=self.version,
+                self.progress_json(), event="progress", id=self.version
             )
         return self._progress_bytes
 
 
-def complete_event(task: TaskState) -> bytes:
-    body: dict[str, Any] = {"state": task.state}
+def complete_event(task: TaskState, *, with_task_id: bool = False) -> bytes:
+    body: dict[str, Any] = {"task_id": task.id} if with_task_id else {}
+    body["state"] = task.state
     if task.state == "failed":
         body["error"] = task.error
     return sse.encode(json.dumps(body), event="complete")
 
 
-def not_found_event() -> bytes:
-    return sse.encode(json.dumps({"error": "Task not found"}), event="error")
+def not_found_event(task_id: str | None = None, *, event_id: str | None = None) -> bytes:
+    body: dict[str, Any] = {"error": "Task not found"}
+    if task_id is not None:
+        body["task_id"] = task_id
+    return sse.encode(json.dumps(body), event="error", id=event_id)
+
+
+def token_expired_event() -> bytes:
+    return sse.encode(json.dumps({"error": "Token expired"}), event="error")
 
 
 def timeout_event() -> bytes:
     return sse.encode(json.dumps({"message": "Stream timeout"}), event="timeout")
-
-
-def not_found_event_with_id(event_id: str) -> bytes:
-    return sse.encode(json.dumps({"error": "Task not found"}), event="error", id=event_id)

@@ -1,6 +1,11 @@
-"""The SSE endpoint: ``GET /api/v1/sse/tasks/{task_id}/progress``.
+"""The SSE endpoints.
 
-Order matters for correctness: subscribe first, then read the row, so a change committed between
+- ``GET /api/v1/sse/tasks/{task_id}/progress``: one task.
+- ``GET /api/v1/sse/tasks?ids=a,b,c``: many tasks on one connection (browsers allow only six
+  HTTP/1.1 connections per origin); without ``ids``, every non-terminal task of the caller and
+  the tasks they create later, until the timeout.
+
+Order matters for correctness: subscribe first, then read the rows, so a change committed between
 the two is in the mailbox rather than lost; versions at or below the last one sent are dropped.
 """
 
@@ -10,13 +15,16 @@ import asyncio
 import logging
 import random
 import re
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import asyncpg
 from quart import Blueprint, Response, request
 
 from server import db, events, sse
+from server.auth import Principal
 from server.broker import StreamLimitExceeded, Subscription
 from server.events import TaskState
 from server.http import authenticate, json_error, runtime
@@ -31,9 +39,11 @@ logger = logging.getLogger(__name__)
 blueprint = Blueprint("streams", __name__)
 
 MAX_TASK_ID = 200
+MAX_TASKS_PER_STREAM = 100
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
 
-# Sent as the ``id`` of the not-found event, so a client that reconnects after it anyway says so.
+# The ``id`` of a final not-found event: a client that reconnects anyway sends it back as
+# Last-Event-ID and gets 204, which makes every EventSource implementation stop for good.
 END_OF_STREAM_ID = "end"
 
 SSE_HEADERS = {
@@ -57,13 +67,15 @@ def _retry_field(base_ms: int) -> bytes:
     return sse.retry(int(base_ms * random.uniform(1.0, 1.5)))
 
 
-def _last_event_id() -> int | None:
+def _last_event_id() -> str | None:
+    """The id the client last saw: native EventSource sends a header, the polyfill a parameter."""
     raw = request.headers.get("Last-Event-ID") or request.args.get("lastEventId")
+    return raw.strip() if raw else None
+
+
+def _parse_version(raw: str | None) -> int | None:
     if raw is None:
         return None
-    raw = raw.strip()
-    if raw == END_OF_STREAM_ID:
-        return -1
     try:
         value = int(raw)
     except ValueError:
@@ -77,86 +89,230 @@ def _stream_response(body: AsyncIterator[bytes]) -> Response:
     return response
 
 
+def _no_content() -> Response:
+    return Response("", status=204)
+
+
+def _unavailable() -> Response:
+    return json_error(503, "Database unavailable", Retry_After="2")
+
+
+def _open_subscription(
+    rt: Runtime, principal: Principal, task_ids: list[str], *, owner_wide: bool = False
+) -> Subscription | Response:
+    if rt.draining:
+        return json_error(503, "Server is shutting down", Retry_After="1")
+    if not rt.broker.connected.is_set():
+        return _unavailable()
+    try:
+        sub = rt.broker.subscribe(
+            principal.user_id, task_ids, owner_id=principal.user_id if owner_wide else None
+        )
+    except StreamLimitExceeded as exc:
+        return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
+    # Whatever happens next (a disconnect before the body starts included), the end of the
+    # request task releases the mailbox; unsubscribe() is idempotent, so other paths may too.
+    task = asyncio.current_task()
+    if task is not None:
+        task.add_done_callback(lambda _t: rt.broker.unsubscribe(sub))
+    return sub
+
+
+@dataclass
+class _Stream:
+    """What one open stream needs to remember between events."""
+
+    rt: Runtime
+    sub: Subscription
+    principal: Principal
+    # Tasks still open on this stream; the stream ends when this empties (unless owner-wide).
+    open_ids: set[str]
+    multi: bool = False
+    owner_wide: bool = False
+    # Order of ``ids`` for the multi-task resume id (a positional list of versions).
+    order: list[str] = field(default_factory=list)
+    # Leading events (snapshots) computed by the view before the response started.
+    preamble: list[bytes] = field(default_factory=list)
+
+    def resume_id(self) -> str | None:
+        if not self.multi or self.owner_wide:
+            return None
+        return ".".join(str(self.sub.sent.get(tid, 0)) for tid in self.order)
+
+    def progress(self, state: TaskState) -> bytes:
+        if not self.multi:
+            return state.progress_event()
+        return sse.encode(state.progress_json(), event="progress", id=self.resume_id())
+
+    def finish(self, state: TaskState) -> list[bytes]:
+        """Events for a state; marks the task closed when it is terminal or gone."""
+        if state.deleted:
+            self.open_ids.discard(state.id)
+            if self.multi:
+                return [events.not_found_event(state.id, event_id=self.resume_id())]
+            return [events.not_found_event(event_id=END_OF_STREAM_ID)]
+        out = [self.progress(state)]
+        if state.terminal:
+            self.open_ids.discard(state.id)
+            out.append(events.complete_event(state, with_task_id=self.multi))
+        return out
+
+    @property
+    def done(self) -> bool:
+        return not self.open_ids and not self.owner_wide
+
+
 @blueprint.get("/api/v1/sse/tasks/<path:task_id>/progress")
 async def task_progress(task_id: str) -> Response:
     principal = authenticate()
     problem = validate_task_id(task_id)
     if problem is not None:
         return json_error(400, "Invalid task id", problem)
-    rt = runtime()
     last_id = _last_event_id()
-    if last_id == -1:
-        # The client already received the final not-found event of this stream: 204 tells every
-        # EventSource implementation to stop reconnecting.
-        return Response("", status=204)
-    if rt.draining:
-        return json_error(503, "Server is shutting down", Retry_After="1")
-    if not rt.broker.connected.is_set():
-        return json_error(503, "Database unavailable", Retry_After="2")
-    try:
-        sub = rt.broker.subscribe(principal.user_id, [task_id])
-    except StreamLimitExceeded as exc:
-        return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
-    # Whatever happens next (a disconnect before the body starts included), the request task's
-    # end releases the mailbox. unsubscribe() is idempotent, so the generator's finally can too.
-    task = asyncio.current_task()
-    if task is not None:
-        task.add_done_callback(lambda _t: rt.broker.unsubscribe(sub))
+    if last_id == END_OF_STREAM_ID:
+        return _no_content()
+    rt = runtime()
+    opened = _open_subscription(rt, principal, [task_id])
+    if isinstance(opened, Response):
+        return opened
+    sub = opened
     try:
         snapshot = await db.fetch_task(rt.pool, task_id)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
         rt.broker.unsubscribe(sub)
-        return json_error(503, "Database unavailable", Retry_After="2")
-
+        return _unavailable()
     if snapshot is None or snapshot.owner_id != principal.user_id:
         rt.broker.unsubscribe(sub)
-        return _stream_response(_single(events.not_found_event_with_id(END_OF_STREAM_ID)))
-    sub.mark_sent(snapshot)
-    if snapshot.terminal and last_id is not None and last_id >= snapshot.version:
+        return _stream_response(_single(events.not_found_event(event_id=END_OF_STREAM_ID)))
+    seen = _parse_version(last_id)
+    if snapshot.terminal and seen is not None and seen >= snapshot.version:
+        # The client saw the final state: 204 ends EventSource's reconnect loop.
         rt.broker.unsubscribe(sub)
-        return Response("", status=204)
-    send_snapshot = last_id is None or last_id < snapshot.version
-    return _stream_response(_run(rt, sub, snapshot, send_snapshot, principal.expires_at))
+        return _no_content()
+    stream = _Stream(rt, sub, principal, open_ids={task_id})
+    if seen is None or seen < snapshot.version:
+        sub.mark_sent(snapshot)
+        stream.preamble = stream.finish(snapshot)
+    else:
+        # Resumed and nothing moved since: send nothing until something does.
+        sub.mark_sent(snapshot)
+    return _stream_response(_run(stream))
+
+
+def _parse_ids(raw_values: list[str]) -> list[str] | str:
+    if len(raw_values) > 1:
+        return "give ids once, comma-separated"
+    ids: list[str] = []
+    for tid in raw_values[0].split(","):
+        tid = tid.strip()
+        problem = validate_task_id(tid)
+        if problem is not None:
+            return problem
+        if tid not in ids:
+            ids.append(tid)
+    if len(ids) > MAX_TASKS_PER_STREAM:
+        return f"at most {MAX_TASKS_PER_STREAM} task ids per stream"
+    return ids
+
+
+@blueprint.get("/api/v1/sse/tasks")
+async def tasks_stream() -> Response:
+    principal = authenticate()
+    raw_ids = request.args.getlist("ids")
+    owner_wide = not raw_ids
+    ids: list[str] = []
+    if raw_ids:
+        parsed = _parse_ids(raw_ids)
+        if isinstance(parsed, str):
+            return json_error(400, "Invalid ids", parsed)
+        ids = parsed
+    rt = runtime()
+    opened = _open_subscription(rt, principal, ids, owner_wide=owner_wide)
+    if isinstance(opened, Response):
+        return opened
+    sub = opened
+    try:
+        if owner_wide:
+            rows = await db.fetch_open_tasks(rt.pool, principal.user_id)
+            for tid in rows:
+                rt.broker.watch(sub, tid)
+        else:
+            rows = await db.fetch_tasks(rt.pool, ids)
+    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
+        rt.broker.unsubscribe(sub)
+        return _unavailable()
+
+    order = ids if not owner_wide else list(rows)
+    seen = _parse_positional(_last_event_id(), order) if not owner_wide else None
+    stream = _Stream(
+        rt, sub, principal, open_ids=set(order), multi=True, owner_wide=owner_wide, order=order
+    )
+    snapshots: list[TaskState] = []
+    for tid in order:
+        state = rows.get(tid)
+        if state is None or state.owner_id != principal.user_id:
+            stream.open_ids.discard(tid)
+            if seen is None:
+                snapshots.append(TaskState(id=tid, owner_id="", version=0, deleted=True))
+            continue
+        already = seen.get(tid, -1) if seen is not None else -1
+        sub.mark_sent(state)
+        if already >= state.version:
+            if state.terminal:
+                stream.open_ids.discard(tid)
+            continue
+        snapshots.append(state)
+    if seen is not None and stream.done:
+        rt.broker.unsubscribe(sub)
+        return _no_content()
+    for state in snapshots:
+        stream.preamble.extend(stream.finish(state))
+    return _stream_response(_run(stream))
+
+
+def _parse_positional(raw: str | None, order: list[str]) -> dict[str, int] | None:
+    """Parse a multi-task resume id: one version per listed id, dot-separated, in order."""
+    if raw is None:
+        return None
+    parts = raw.split(".")
+    if len(parts) != len(order) or not all(p.isdigit() for p in parts):
+        return None
+    return {tid: int(p) for tid, p in zip(order, parts, strict=True)}
 
 
 async def _single(chunk: bytes) -> AsyncIterator[bytes]:
     yield chunk
 
 
-async def _run(
-    rt: Runtime,
-    sub: Subscription,
-    snapshot: TaskState,
-    send_snapshot: bool,
-    token_expires_at: float,
-) -> AsyncIterator[bytes]:
-    # Runs outside the request context (Quart iterates the body after the view returned).
+async def _run(stream: _Stream) -> AsyncIterator[bytes]:
+    # Runs after the view returned, outside the request context: everything comes in `stream`.
+    rt, sub = stream.rt, stream.sub
     settings = rt.settings
     loop = asyncio.get_running_loop()
+    now = loop.time()
+    deadline = now + settings.stream_timeout
+    # The token's own end, mapped onto the loop clock (leeway as accepted at verification).
+    token_deadline = now + (stream.principal.expires_at + rt.verifier.leeway - time.time())
+    next_beat = now + settings.heartbeat
     try:
         yield _retry_field(settings.retry_ms)
-        if send_snapshot:
-            yield snapshot.progress_event()
-        if snapshot.terminal:
-            yield events.complete_event(snapshot)
-            return
-        deadline = loop.time() + settings.stream_timeout
-        next_beat = loop.time() + settings.heartbeat
-        while True:
+        for chunk in stream.preamble:
+            yield chunk
+        while not stream.done:
             if sub.pending:
                 for state in sub.take():
-                    if state.deleted:
-                        yield events.not_found_event_with_id(END_OF_STREAM_ID)
-                        return
-                    yield state.progress_event()
-                    if state.terminal:
-                        yield events.complete_event(state)
-                        return
+                    if state.id not in stream.open_ids and not stream.owner_wide:
+                        continue
+                    for chunk in stream.finish(state):
+                        yield chunk
                 continue
             if sub.closing is not None:
                 yield _retry_field(settings.retry_ms)
                 return
             now = loop.time()
+            if now >= token_deadline:
+                yield events.token_expired_event()
+                return
             if now >= deadline:
                 yield events.timeout_event()
                 return
@@ -166,7 +322,7 @@ async def _run(
                 continue
             sub.wakeup.clear()
             try:
-                async with asyncio.timeout_at(min(deadline, next_beat)):
+                async with asyncio.timeout_at(min(deadline, next_beat, token_deadline)):
                     await sub.wakeup.wait()
             except TimeoutError:
                 pass
