@@ -91,7 +91,10 @@ class PageWatcher:
     def stream_requests(self, fragment: str = "/api/v1/sse/") -> list[str]:
         return [u for u in self.requests if fragment in u]
 
-    async def open(self, query: str = "") -> None:
+    async def open(self, query: str = "", mode: str = "multi") -> None:
+        """Open the demo page; mode "single" makes it use one watchTask per task."""
+        if mode == "single":
+            query = (query + "&" if query else "?") + "stream=single"
         await self.page.goto(f"{self.server.url}/{query}")
         await expect(self.page.locator("body")).to_have_attribute("data-ready", "true")
 
@@ -165,23 +168,29 @@ async def run_to_success(web: PageWatcher, sql: asyncpg.Connection, task_id: str
     assert await web.bar_fill_ratio(task_id) > 0.995
 
 
+# The page shares one connection for all its tasks (watchTasks, the multi-task stream) unless told
+# to use one watchTask per task; the tests that matter run both ways.
+MODES = pytest.mark.parametrize("mode", ["multi", "single"])
+
+
 # ---- the main path ------------------------------------------------------------------------------
 
 
+@MODES
 async def test_page_shows_live_progress_until_complete(
-    web: PageWatcher, sql: asyncpg.Connection
+    web: PageWatcher, sql: asyncpg.Connection, mode: str
 ) -> None:
     await create_task(sql, "job_live", owner=DEMO_USER, state="queued")
-    await web.open("?watch=job_live")
+    await web.open("?watch=job_live", mode)
     card = web.card("job_live")
     await expect(card.locator(".state")).to_have_text("queued")
     await expect(web.page.locator("#connection")).to_have_attribute("data-status", "live")
-    await expect(web.page.locator("#connection-text")).to_have_text("live · 1 open")
+    await expect(web.page.locator("#connection-text")).to_have_text("live · 1 task, 1 connection")
     await expect(card.locator(".transport")).to_have_text("eventsource · live")
     await run_to_success(web, sql, "job_live")
     # The stream ended with `complete`: the client closed it, nothing is open any more.
     await expect(web.page.locator("#connection")).to_have_attribute("data-status", "idle")
-    await web.screenshot("complete.png")
+    await web.screenshot(f"complete-{mode}.png")
     assert len(web.stream_requests()) == 1
 
 
@@ -212,7 +221,8 @@ async def test_demo_button_runs_several_tasks_at_once(
     await create_task(sql, "video_0042", owner=DEMO_USER, state="success", progress=100.0)
     await web.open("?watch=video_0042,nightly_backup,export_report,import_2026_q3")
     await expect(web.card("export_report").locator(".eta")).to_have_text("ETA 1m 11s")
-    await expect(web.page.locator("#connection-text")).to_have_text("live · 2 open")
+    # Two tasks still running, on one shared connection.
+    await expect(web.page.locator("#connection-text")).to_have_text("live · 2 tasks, 1 connection")
     await expect(web.card("nightly_backup").locator(".outcome")).to_have_text("✗ failed: disk full")
     await web.screenshot("demo-page.png")
 
@@ -237,13 +247,14 @@ async def test_demo_button_runs_several_tasks_at_once(
 # ---- fallbacks ----------------------------------------------------------------------------------
 
 
+@MODES
 async def test_fetch_fallback_when_eventsource_fails(
-    web: PageWatcher, sql: asyncpg.Connection
+    web: PageWatcher, sql: asyncpg.Connection, mode: str
 ) -> None:
     # EventSource carries the token in the URL; fetch() sends the Authorization header instead.
     await web.page.route(lambda url: "access_token=" in url, lambda route: route.abort())
     await create_task(sql, "job_fetch", owner=DEMO_USER, state="queued")
-    await web.open("?watch=job_fetch")
+    await web.open("?watch=job_fetch", mode)
     card = web.card("job_fetch")
     await expect(card.locator(".transport")).to_have_text("fetch · live")
     await expect(web.page.locator("#connection")).to_have_attribute("data-status", "live")
@@ -256,17 +267,18 @@ async def test_fetch_fallback_when_eventsource_fails(
     strict=True,
     reason="needs GET /api/v1/tasks/{id} with long polling (branch feat-api, not merged yet)",
 )
+@MODES
 async def test_polling_fallback_completes_when_sse_fails(
-    web: PageWatcher, sql: asyncpg.Connection
+    web: PageWatcher, sql: asyncpg.Connection, mode: str
 ) -> None:
     await web.page.route("**/api/v1/sse/**", lambda route: route.abort())
     await create_task(sql, "job_poll", owner=DEMO_USER, state="queued")
-    await web.open("?watch=job_poll")
+    await web.open("?watch=job_poll", mode)
     card = web.card("job_poll")
     await expect(web.page.locator("#connection")).to_have_attribute("data-status", "polling")
     await expect(card.locator(".transport")).to_have_text("poll · polling")
     await run_to_success(web, sql, "job_poll")
-    await web.screenshot("polling-fallback.png")
+    await web.screenshot(f"polling-fallback-{mode}.png")
     polls = web.stream_requests("/api/v1/tasks/job_poll")
     assert polls and all("wait=25" in u for u in polls)
 
@@ -274,14 +286,15 @@ async def test_polling_fallback_completes_when_sse_fails(
 # ---- no close on transient errors; close on the real ends ---------------------------------------
 
 
+@MODES
 @pytest.mark.parametrize("transport", ["eventsource", "fetch"])
 async def test_dropped_stream_reconnects_instead_of_closing(
-    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, transport: str
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, transport: str, mode: str
 ) -> None:
     if transport == "fetch":
         await web.page.route(lambda url: "access_token=" in url, lambda route: route.abort())
     await create_task(sql, "job_drop", owner=DEMO_USER, state="transcribing", progress=10.0)
-    await web.open("?watch=job_drop")
+    await web.open("?watch=job_drop", mode)
     card = web.card("job_drop")
     await expect(card.locator(".transport")).to_have_text(f"{transport} · live")
     await expect(card.locator(".bar")).to_have_attribute("aria-valuenow", "10")
@@ -305,11 +318,12 @@ async def test_dropped_stream_reconnects_instead_of_closing(
         # The browser's own reconnect, on the same EventSource: the client did not close it.
         assert await web.page.evaluate("window.__eventSources") == 1
     # One stream before the drop and one after it; resumed with the last id, not the snapshot.
-    assert len(web.stream_requests("/api/v1/sse/tasks/job_drop")) == 2 + (transport == "fetch")
+    assert len(web.stream_requests()) == 2 + (transport == "fetch")
 
 
-async def test_not_found_closes_without_a_reconnect_loop(web: PageWatcher) -> None:
-    await web.open("?watch=no_such_task")
+@MODES
+async def test_not_found_closes_without_a_reconnect_loop(web: PageWatcher, mode: str) -> None:
+    await web.open("?watch=no_such_task", mode)
     card = web.card("no_such_task")
     await expect(card).to_have_attribute("data-state", "not_found")
     await expect(card.locator(".outcome")).to_have_text("✗ Task not found")
@@ -319,7 +333,10 @@ async def test_not_found_closes_without_a_reconnect_loop(web: PageWatcher) -> No
     assert len(web.stream_requests()) == 1
 
 
-async def test_rejected_token_is_fatal_and_stops(web: PageWatcher, server: LiveServer) -> None:
+@MODES
+async def test_rejected_token_is_fatal_and_stops(
+    web: PageWatcher, server: LiveServer, mode: str
+) -> None:
     expired = server.token(DEMO_USER, ttl=-120)
 
     async def stale_token(route: Route) -> None:
@@ -327,7 +344,7 @@ async def test_rejected_token_is_fatal_and_stops(web: PageWatcher, server: LiveS
         await route.fulfill(status=200, content_type="application/json", body=json.dumps(body))
 
     await web.page.route("**/demo/token", stale_token)
-    await web.open("?watch=job_auth")
+    await web.open("?watch=job_auth", mode)
     card = web.card("job_auth")
     await expect(card).to_have_attribute("data-state", "error")
     await expect(card.locator(".state")).to_have_text("auth")
@@ -338,13 +355,14 @@ async def test_rejected_token_is_fatal_and_stops(web: PageWatcher, server: LiveS
     assert len(web.stream_requests()) == 3
 
 
+@MODES
 async def test_stream_timeout_resumes_by_itself(
-    browser: Browser, database_url: str, sql: asyncpg.Connection
+    browser: Browser, database_url: str, sql: asyncpg.Connection, mode: str
 ) -> None:
     settings = conftest.test_settings(database_url, demo=True, retry_ms=200, stream_timeout=1.0)
     async with run_server(settings) as server, page_for(browser, server) as web:
         await create_task(sql, "job_long", owner=DEMO_USER, state="transcribing", progress=5.0)
-        await web.open("?watch=job_long")
+        await web.open("?watch=job_long", mode)
         card = web.card("job_long")
         await expect(card.locator(".transport")).to_contain_text("resumed after timeout ×1")
         await set_task(sql, "job_long", progress=66.0)
@@ -353,6 +371,128 @@ async def test_stream_timeout_resumes_by_itself(
         assert await web.page.evaluate("window.__eventSources") == 1
         await set_task(sql, "job_long", state="success", progress=100.0)
         await expect(card).to_have_attribute("data-state", "success")
+
+
+# ---- the client API driven directly -----------------------------------------------------------
+
+# Starts a watch in the page and records every callback in window.__events.
+START_WATCH = """async ([fn, ids, extra]) => {
+  const mod = await import("/static/taskstream.js");
+  window.__events = [];
+  const log = (kind) => (value) => window.__events.push([kind, value instanceof Error
+    ? { kind: value.kind, message: value.message, taskId: value.taskId } : value]);
+  const options = {
+    getToken: () => window.nextToken(),
+    onProgress: log("progress"), onComplete: log("complete"), onError: log("error"),
+    onTimeout: log("timeout"), onStatus: log("status"), onAllDone: log("done"),
+    ...extra,
+  };
+  if (extra.staticToken) { delete options.getToken; options.token = await window.nextToken(); }
+  window.__handle = fn === "watchTasks"
+    ? mod.watchTasks(ids, options) : mod.watchTask(ids[0], options);
+}"""
+
+
+async def events_of(web: PageWatcher, kind: str | None = None) -> list[Any]:
+    events: list[list[Any]] = await web.page.evaluate("window.__events")
+    return [v for k, v in events if k == kind] if kind else events
+
+
+async def wait_for_event(web: PageWatcher, kind: str, count: int = 1, timeout: float = 10) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if len(await events_of(web, kind)) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind} event: {await events_of(web)}")
+
+
+async def test_watch_tasks_shares_one_connection_and_ends_per_task(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    await create_task(sql, "m_a", owner=DEMO_USER, state="queued")
+    await create_task(sql, "m_b", owner=DEMO_USER, state="queued")
+    await create_task(sql, "m_other", owner="mallory", state="queued")  # not the caller's
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await web.open()
+    await web.page.evaluate(START_WATCH, ["watchTasks", ["m_a", "m_b", "m_other", "m_gone"], {}])
+    await wait_for_event(web, "progress", 2)
+    errors = await events_of(web, "error")
+    assert sorted(e["taskId"] for e in errors) == ["m_gone", "m_other"]
+    assert {e["kind"] for e in errors} == {"not_found"}
+
+    await set_task(sql, "m_a", state="transcribing", progress=50.0)
+    await set_task(sql, "m_a", state="success", progress=100.0)
+    await wait_for_event(web, "complete", 1)
+    assert await web.page.evaluate("window.__handle.status") == "live"  # m_b still open
+    await set_task(sql, "m_b", state="failed", error="no audio track")
+    await wait_for_event(web, "done")
+    completes = await events_of(web, "complete")
+    assert completes == [
+        {"task_id": "m_a", "state": "success"},
+        {"task_id": "m_b", "state": "failed", "error": "no audio track"},
+    ]
+    progress = [(p["task_id"], p["state"]) for p in await events_of(web, "progress")]
+    assert progress == [
+        ("m_a", "queued"),
+        ("m_b", "queued"),
+        ("m_a", "transcribing"),
+        ("m_a", "success"),
+        ("m_b", "failed"),
+    ]
+    [results] = await events_of(web, "done")
+    assert set(results) == {"m_a", "m_b", "m_other", "m_gone"}
+    assert (await events_of(web, "status"))[-1] == "closed"
+    await asyncio.sleep(1.5)  # retry is 300 ms: a reconnect would show by now
+    streams = web.stream_requests()
+    assert len(streams) == 1 and "/api/v1/sse/tasks?ids=m_a%2Cm_b%2Cm_other%2Cm_gone" in streams[0]
+
+
+@pytest.mark.parametrize("transport", ["eventsource", "fetch"])
+@pytest.mark.parametrize("fn", ["watchTask", "watchTasks"])
+async def test_token_expiry_mid_stream_reconnects_with_a_fresh_token(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, transport: str, fn: str
+) -> None:
+    server.runtime.verifier.leeway = 0  # so a 2-second token ends the stream in 2 seconds
+    issued: list[str] = []
+
+    def next_token() -> str:
+        issued.append(server.token(DEMO_USER, ttl=2 if not issued else 600))
+        return issued[-1]
+
+    await web.page.expose_function("nextToken", next_token)
+    await create_task(sql, "job_exp", owner=DEMO_USER, state="transcribing", progress=10.0)
+    await web.open()
+    await web.page.evaluate(START_WATCH, [fn, ["job_exp"], {"transports": [transport, "poll"]}])
+    await wait_for_event(web, "progress")
+    await asyncio.sleep(3)  # the first token expires; the server ends that stream
+    await set_task(sql, "job_exp", progress=70.0)
+    await wait_for_event(web, "progress", 2)
+    await set_task(sql, "job_exp", state="success", progress=100.0)
+    await wait_for_event(web, "complete")
+    assert await events_of(web, "error") == []
+    assert [p["progress"] for p in await events_of(web, "progress")] == [10, 70, 100]
+    statuses = await events_of(web, "status")
+    assert "reconnecting" in statuses and statuses[-1] == "closed"
+    assert len(issued) >= 2
+    if transport == "eventsource":
+        # The stale URL was replaced by a new EventSource; it resumed from the last id.
+        assert await web.page.evaluate("window.__eventSources") == 2
+
+
+async def test_token_expiry_with_a_fixed_token_is_the_end(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    server.runtime.verifier.leeway = 0
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER, ttl=2))
+    await create_task(sql, "job_fixed", owner=DEMO_USER, state="queued")
+    await web.open()
+    await web.page.evaluate(START_WATCH, ["watchTask", ["job_fixed"], {"staticToken": True}])
+    await wait_for_event(web, "progress")
+    await wait_for_event(web, "error", timeout=6)
+    [error] = await events_of(web, "error")
+    assert error["kind"] == "auth" and error["message"] == "Token expired"
+    await asyncio.sleep(1)
+    assert len(web.stream_requests()) == 1
 
 
 # ---- the module's own pieces --------------------------------------------------------------------

@@ -1,11 +1,17 @@
 // The demo page at "/": one progress card per task, one connection indicator for the page.
 // Built only on the public API of taskstream.js, as an application would use it.
-import { watchTask } from "./taskstream.js";
+//
+// By default every task on the page shares ONE connection (watchTasks and the multi-task stream):
+// browsers allow six HTTP/1.1 connections per origin, so a dashboard with a stream per task
+// runs out. `?stream=single` uses one watchTask per task instead, to compare.
+import { watchTask, watchTasks } from "./taskstream.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+const perTask = params.get("stream") === "single";
 
-const cards = new Map(); // task id -> { el, handle, status }
+const cards = new Map(); // task id -> card
+let group = null; // multi mode: { handle, ids, status, transport }
 let demoMode = false;
 let token = null;
 let tokenExpiresAt = 0;
@@ -37,19 +43,20 @@ async function getToken() {
 const SEVERITY = ["reconnecting", "polling", "connecting", "live"];
 
 function renderConnection() {
-  const active = [...cards.values()]
-    .map((card) => card.status)
-    .filter((status) => status && status !== "closed");
-  let status = "idle";
-  for (const candidate of SEVERITY) {
-    if (active.includes(candidate)) {
-      status = candidate;
-      break;
-    }
-  }
+  const connections = perTask
+    ? [...cards.values()].filter((c) => c.status && c.status !== "closed").map((c) => c.status)
+    : group && group.status !== "closed"
+      ? [group.status]
+      : [];
+  const status = SEVERITY.find((s) => connections.includes(s)) ?? "idle";
+  const watched = [...cards.values()].filter((c) => !c.done).length;
   $("connection").dataset.status = status;
-  const counts = active.length ? ` · ${active.length} open` : "";
-  $("connection-text").textContent = status + counts;
+  let text = status;
+  if (connections.length) {
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    text += ` · ${plural(watched, "task")}, ${plural(connections.length, "connection")}`;
+  }
+  $("connection-text").textContent = text;
 }
 
 // ---- task cards ---------------------------------------------------------------------------------
@@ -61,7 +68,23 @@ function formatEta(seconds) {
   return `ETA ${minutes}m ${String(seconds % 60).padStart(2, "0")}s`;
 }
 
-function showProgress(el, p) {
+function newCard(taskId) {
+  const el = $("task-template").content.firstElementChild.cloneNode(true);
+  el.dataset.taskId = taskId;
+  el.querySelector(".task-id").textContent = taskId;
+  $("tasks").prepend(el);
+  $("empty").hidden = true;
+  return { el, status: "connecting", transport: null, timeouts: 0, done: false, handle: null };
+}
+
+function renderTransport(card) {
+  const parts = [card.transport, card.status].filter(Boolean);
+  if (card.timeouts) parts.push(`resumed after timeout ×${card.timeouts}`);
+  card.el.querySelector(".transport").textContent = parts.join(" · ");
+}
+
+function showProgress(card, p) {
+  const { el } = card;
   const percent = p.progress >= 100 ? 100 : Math.floor(p.progress);
   el.dataset.state = p.state;
   el.querySelector(".state").textContent = p.state;
@@ -71,61 +94,134 @@ function showProgress(el, p) {
   el.querySelector(".eta").textContent = formatEta(p.estimated_time);
 }
 
-function watch(taskId) {
-  if (cards.has(taskId)) return;
-  const el = $("task-template").content.firstElementChild.cloneNode(true);
-  el.dataset.taskId = taskId;
-  el.querySelector(".task-id").textContent = taskId;
-  $("tasks").prepend(el);
-  $("empty").hidden = true;
-  const card = { el, status: "connecting", transport: null, timeouts: 0, handle: null };
-  const renderTransport = () => {
-    const parts = [card.transport, card.status].filter(Boolean);
-    if (card.timeouts) parts.push(`resumed after timeout ×${card.timeouts}`);
-    el.querySelector(".transport").textContent = parts.join(" · ");
-  };
-  cards.set(taskId, card);
+function showComplete(card, c) {
+  const { el } = card;
+  el.dataset.state = c.state;
+  el.querySelector(".state").textContent = c.state;
+  const outcome = el.querySelector(".outcome");
+  if (c.state === "success") {
+    showProgress(card, { state: "success", progress: 100, estimated_time: 0 });
+    outcome.textContent = "✓ complete";
+  } else {
+    outcome.textContent = c.error ? `✗ ${c.state}: ${c.error}` : `✗ ${c.state}`;
+  }
+  finishCard(card);
+}
 
+function showError(card, err) {
+  const { el } = card;
+  el.dataset.state = err.kind === "not_found" ? "not_found" : "error";
+  el.querySelector(".state").textContent = err.kind.replace("_", " ");
+  el.querySelector(".outcome").textContent = `✗ ${err.message}`;
+  finishCard(card);
+}
+
+function finishCard(card) {
+  card.done = true;
+  card.status = "closed";
+  card.el.classList.add("done");
+  renderTransport(card);
+  renderConnection();
+}
+
+// ---- watching: one connection per task, or one for all ------------------------------------------
+
+function watchOne(card, taskId) {
   card.handle = watchTask(taskId, {
     getToken,
-    onProgress: (p) => showProgress(el, p),
-    onComplete: (c) => {
-      el.dataset.state = c.state;
-      el.querySelector(".state").textContent = c.state;
-      const outcome = el.querySelector(".outcome");
-      if (c.state === "success") {
-        showProgress(el, { state: "success", progress: 100, estimated_time: 0 });
-        outcome.textContent = "✓ complete";
-      } else {
-        outcome.textContent = c.error ? `✗ ${c.state}: ${c.error}` : `✗ ${c.state}`;
-      }
-      el.classList.add("done");
-    },
-    onError: (err) => {
-      el.dataset.state = err.kind === "not_found" ? "not_found" : "error";
-      el.querySelector(".state").textContent = err.kind.replace("_", " ");
-      el.querySelector(".outcome").textContent = `✗ ${err.message}`;
-      el.classList.add("done");
-    },
+    onProgress: (p) => showProgress(card, p),
+    onComplete: (c) => showComplete(card, c),
+    onError: (err) => showError(card, err),
     onTimeout: () => {
-      // The server's stream timeout: the client reconnects and resumes by itself.
       card.timeouts += 1;
-      renderTransport();
+      renderTransport(card);
     },
     onStatus: (status, { transport }) => {
+      if (card.done) return;
       card.status = status;
       card.transport = transport;
-      el.dataset.connection = status;
-      renderTransport();
+      renderTransport(card);
       renderConnection();
     },
   });
+}
+
+// Re-open the shared stream when the set of running tasks changes. The new stream starts with a
+// snapshot of each task, so nothing is missed in the switch.
+let regroupQueued = false;
+function regroup() {
+  if (regroupQueued) return;
+  regroupQueued = true;
+  queueMicrotask(() => {
+    regroupQueued = false;
+    const ids = [...cards.entries()].filter(([, c]) => !c.done).map(([id]) => id);
+    if (group && ids.length === group.ids.length && ids.every((id) => group.ids.includes(id))) {
+      return;
+    }
+    group?.handle.close();
+    group = null;
+    if (ids.length === 0) {
+      renderConnection();
+      return;
+    }
+    const current = { ids, status: "connecting", transport: null, handle: null };
+    group = current;
+    const pendingCards = () => ids.map((id) => cards.get(id)).filter((c) => !c.done);
+    current.handle = watchTasks(ids, {
+      getToken,
+      onProgress: (p) => {
+        const card = cards.get(p.task_id);
+        if (card && !card.done) showProgress(card, p);
+      },
+      onComplete: (c) => {
+        const card = cards.get(c.task_id);
+        if (card && !card.done) showComplete(card, c);
+      },
+      onError: (err) => {
+        const affected = err.taskId ? [cards.get(err.taskId)] : pendingCards();
+        for (const card of affected) if (card && !card.done) showError(card, err);
+      },
+      onTimeout: () => {
+        for (const card of pendingCards()) {
+          card.timeouts += 1;
+          renderTransport(card);
+        }
+      },
+      onStatus: (status, { transport }) => {
+        if (group !== current) return;
+        current.status = status;
+        current.transport = transport;
+        for (const card of pendingCards()) {
+          card.status = status;
+          card.transport = transport;
+          renderTransport(card);
+        }
+        renderConnection();
+      },
+      onAllDone: () => {
+        if (group === current) group = null;
+        renderConnection();
+      },
+    });
+  });
+}
+
+function watch(taskId) {
+  if (cards.has(taskId)) return;
+  if (!perTask && taskId.includes(",")) {
+    showPageError(`A task id with a comma cannot share the stream: ${taskId}`);
+    return;
+  }
+  const card = newCard(taskId);
+  cards.set(taskId, card);
+  if (perTask) watchOne(card, taskId);
+  else regroup();
   renderConnection();
 }
 
 // ---- controls -----------------------------------------------------------------------------------
 
-function showError(message) {
+function showPageError(message) {
   const box = $("page-error");
   box.textContent = message;
   box.hidden = !message;
@@ -134,7 +230,7 @@ function showError(message) {
 async function startDemoTask() {
   const button = $("start-demo");
   button.disabled = true;
-  showError("");
+  showPageError("");
   try {
     const response = await fetch("/demo/tasks", {
       method: "POST",
@@ -144,7 +240,7 @@ async function startDemoTask() {
     if (!response.ok) throw new Error(body.error ?? `HTTP ${response.status}`);
     watch(body.task_id);
   } catch (err) {
-    showError(`Could not start a demo task: ${err.message}`);
+    showPageError(`Could not start a demo task: ${err.message}`);
   } finally {
     button.disabled = false;
   }

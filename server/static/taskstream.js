@@ -24,7 +24,10 @@
 const TERMINAL_STATES = new Set(["success", "failed", "cancelled"]);
 const TRANSPORTS = ["eventsource", "fetch", "poll"];
 
-/** Why a watch ended without `complete`. `kind` is "not_found", "auth" or "bad_request". */
+/**
+ * Why a watch ended without `complete`. `kind` is "not_found", "auth", "bad_request",
+ * "unavailable" (no transport can run here) or "server" (an error event this client does not know).
+ */
 export class TaskStreamError extends Error {
   constructor(kind, message, { status = null, taskId = null } = {}) {
     super(message);
@@ -282,9 +285,14 @@ class Watch {
   }
 
   onServerError(data) {
-    const message = data.error ?? "Task not found";
+    const message = typeof data.error === "string" ? data.error : "Stream error";
+    if (data.task_id == null && /token/i.test(message)) {
+      this.onTokenExpired(message);
+      return;
+    }
     const taskId = this.mode === "single" ? this.ids[0] : data.task_id ?? null;
-    const error = new TaskStreamError("not_found", message, { taskId });
+    const kind = /not found/i.test(message) ? "not_found" : "server";
+    const error = new TaskStreamError(kind, message, { taskId });
     if (this.mode === "single" || taskId === null) {
       this.fail(error);
       return;
@@ -294,6 +302,21 @@ class Watch {
     this.results[taskId] = error;
     callSafely(this.opts.onError, error);
     this.maybeAllDone();
+  }
+
+  /**
+   * The server ends a stream when the token it was opened with expires. With getToken, that is
+   * routine: reconnect with a fresh token and resume. With a fixed token, it is the end.
+   */
+  onTokenExpired(message) {
+    if (typeof this.opts.getToken !== "function") {
+      this.fail(new TaskStreamError("auth", message));
+      return;
+    }
+    this.setStatus("reconnecting");
+    // fetch reconnects (with a fresh token) when the stream ends; an EventSource would come back
+    // with the stale token in its URL, so it is replaced.
+    this.replaceEventSource?.();
   }
 
   onTimeout(data) {
@@ -332,8 +355,8 @@ class Watch {
     if (this.mode === "single") {
       return [`/api/v1/sse/tasks/${encodeURIComponent(this.ids[0])}/progress`, {}];
     }
-    const ids = [...this.pending].map(encodeURIComponent).join(",");
-    return ["/api/v1/sse/tasks", { ids }];
+    // Always the full list, in the same order: the multi-task resume id is positional.
+    return ["/api/v1/sse/tasks", { ids: this.ids.join(",") }];
   }
 
   /**
@@ -474,6 +497,15 @@ class Watch {
           sleep(backoff(reopenAttempt - 1), this.abort.signal).then(() => {
             if (!this.closed) open(true);
           });
+        });
+      };
+
+      this.replaceEventSource = () => {
+        if (!this.es) return;
+        this.es.close();
+        this.es = null;
+        sleep(jitter(250), this.abort.signal).then(() => {
+          if (!this.closed) open(true);
         });
       };
 
