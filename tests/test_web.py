@@ -177,3 +177,55 @@ async def test_demo_tasks_are_capped_per_user(
         headers={"Authorization": f"Bearer {demo_server.token(DEMO_USER)}"},
     )
     assert r.status_code == 429 and r.json()["error"] == "Too many running demo tasks"
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+async def test_serve_demo_runs_the_simulated_worker(database_url: str) -> None:
+    from tests.test_cli import _clean_env, start_serve
+
+    env = _clean_env(
+        DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET, TASKSTREAM_DEMO_SPEED="50"
+    )
+    serve = await start_serve(env, "--demo")
+    try:
+        await serve.wait_ready()
+        assert any("demo mode: open" in line for line in serve.output)
+        async with httpx.AsyncClient(timeout=10) as client:
+            token = (await client.get(serve.url + "/demo/token")).json()["token"]
+            r = await client.post(
+                serve.url + "/demo/tasks", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert r.status_code == 201
+            task_id = r.json()["task_id"]
+        conn = await asyncpg.connect(database_url)
+        try:
+            for _ in range(100):
+                state = await conn.fetchval(
+                    "SELECT state FROM taskstream.tasks WHERE id = $1", task_id
+                )
+                if state in ("success", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+            assert state in ("success", "failed")
+        finally:
+            await conn.close()
+    finally:
+        code = await serve.stop()
+    assert code == 0, "".join(serve.output)
+    assert "Traceback" not in "".join(serve.output)
+
+
+async def test_serve_without_demo_has_no_demo_routes(database_url: str) -> None:
+    from tests.test_cli import _clean_env, start_serve
+
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    serve = await start_serve(env)
+    try:
+        await serve.wait_ready()
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(serve.url + "/demo/token")).status_code == 404
+            assert (await client.get(serve.url + "/")).status_code == 200
+    finally:
+        assert await serve.stop() == 0

@@ -650,7 +650,7 @@ class Watch {
       // Four at a time leaves the browser's other HTTP/1.1 connections to the page.
       for (let i = 0; i < ids.length && !this.closed; i += 4) {
         const results = await Promise.all(
-          ids.slice(i, i + 4).map((id) => this.pollOne(id, etags, long)),
+          ids.slice(i, i + 4).map((id) => this.pollOne(id, etags, long, !refreshed)),
         );
         for (const r of results) {
           if (r.changed) changed = true;
@@ -678,7 +678,7 @@ class Watch {
     }
   }
 
-  async pollOne(taskId, etags, long) {
+  async pollOne(taskId, etags, long, mayRefresh) {
     const params = new URLSearchParams();
     if (long) {
       params.set("wait", String(this.opts.pollWait));
@@ -725,13 +725,14 @@ class Watch {
       }
       return { changed: this.versions.get(taskId) !== before };
     }
-    if (response.status === 401 && typeof this.opts.getToken === "function") {
-      return { trouble: { status: 401, wait: 0 } };
+    if (response.status === 401 && mayRefresh && typeof this.opts.getToken === "function") {
+      return { trouble: { status: 401, wait: 0 } }; // once: retry with a fresh token
     }
     try {
       await this.raiseForFatal(response, taskId);
     } catch (err) {
-      if (this.mode === "single") throw err;
+      // Not found ends one task of several; anything else (a refused token) ends the watch.
+      if (this.mode === "single" || err.kind !== "not_found") throw err;
       this.onServerError({ task_id: taskId, error: err.message });
       return { changed: true };
     }
