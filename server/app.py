@@ -83,9 +83,12 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
 
+    from server import openapi
+    from server.api import blueprint as api_blueprint
     from server.streams import blueprint as streams_blueprint
 
     app.register_blueprint(streams_blueprint)
+    app.register_blueprint(api_blueprint)
     app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
@@ -116,6 +119,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
+
+    # After every route exists: the OpenAPI document is generated from the URL map.
+    openapi.install(app)
 
     @app.errorhandler(AuthError)
     async def _auth_error(exc: AuthError) -> Response:
