@@ -104,10 +104,16 @@ class Subscription:
             return []
         states = sorted(self.pending.values(), key=lambda s: s.version)
         self.pending.clear()
+        out = []
         for s in states:
-            if s.version > self.sent.get(s.id, 0):
+            sent = self.sent.get(s.id, 0)
+            if s.deleted:
+                out.append(s)
+            elif s.version > sent:
+                # A state may have been offered before the stream marked its snapshot as sent.
                 self.sent[s.id] = s.version
-        return states
+                out.append(s)
+        return out
 
     def mark_sent(self, state: TaskState) -> None:
         if state.version > self.sent.get(state.id, 0):

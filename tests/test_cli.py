@@ -8,6 +8,8 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -87,17 +89,25 @@ def _postgres_running(pgdata: Path) -> bool:
     return True
 
 
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: pytest strips group/other permissions from its base directory at
+    # session start, and the embedded PostgreSQL runs as the `pgserver` user, who needs them.
+    with tempfile.TemporaryDirectory(prefix="taskstream-test-data-") as tmp:
+        yield Path(tmp)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_serve_embedded_streams_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
+async def test_serve_embedded_streams_and_stops_cleanly(data_dir: Path, sig: int) -> None:
     """No DATABASE_URL: embedded PostgreSQL, generated secret, migrations, stream, clean exit."""
-    env = _clean_env(TASKSTREAM_DATA_DIR=str(tmp_path))
+    env = _clean_env(TASKSTREAM_DATA_DIR=str(data_dir))
     serve = await start_serve(env)
     try:
         await serve.wait_ready()
         assert serve.url.startswith("http://127.0.0.1:")
-        secret_file = tmp_path / "jwt_secret"
+        secret_file = data_dir / "jwt_secret"
         assert secret_file.exists() and oct(secret_file.stat().st_mode)[-3:] == "600"
-        assert _postgres_running(tmp_path / "pgdata")
+        assert _postgres_running(data_dir / "pgdata")
 
         token = subprocess.run(
             [sys.executable, "-m", "server", "token", "alice", "--ttl", "60"],
@@ -109,7 +119,7 @@ async def test_serve_embedded_streams_and_stops_cleanly(tmp_path: Path, sig: int
         assert TokenVerifier(secret_file.read_text()).verify(token).user_id == "alice"
 
         conn = await asyncpg.connect(
-            host=str(tmp_path / "pgdata"), user="postgres", database="postgres"
+            host=str(data_dir / "pgdata"), user="postgres", database="postgres"
         )
         try:
             await create_task(conn, "t1")
@@ -126,7 +136,7 @@ async def test_serve_embedded_streams_and_stops_cleanly(tmp_path: Path, sig: int
         code = await serve.stop(sig)
     assert code == 0, "".join(serve.output)
     assert "Traceback" not in "".join(serve.output)
-    assert not _postgres_running(tmp_path / "pgdata"), "embedded PostgreSQL left running"
+    assert not _postgres_running(data_dir / "pgdata"), "embedded PostgreSQL left running"
 
 
 async def test_serve_workers_each_hold_one_listen_connection(database_url: str) -> None:
