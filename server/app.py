@@ -85,10 +85,13 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
 
+    from server import openapi
+    from server.api import blueprint as api_blueprint
     from server.streams import blueprint as streams_blueprint
     from server.web import blueprint as web_blueprint
 
     app.register_blueprint(streams_blueprint)
+    app.register_blueprint(api_blueprint)
     app.register_blueprint(web_blueprint)
     if settings.demo:
         from server.demo import blueprint as demo_blueprint
@@ -124,6 +127,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
+
+    # After every route exists: the OpenAPI document is generated from the URL map.
+    openapi.install(app)
 
     @app.errorhandler(AuthError)
     async def _auth_error(exc: AuthError) -> Response:
