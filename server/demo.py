@@ -25,6 +25,7 @@ from typing import Any
 
 import asyncpg
 from quart import Blueprint, Response, jsonify
+from quart_schema.extension import hide
 
 from server import db
 from server.auth import issue_token
@@ -159,6 +160,7 @@ async def _simulator() -> AsyncGenerator[None, None]:
 
 
 @blueprint.get("/demo/token")
+@hide  # demo mode is a local try-out, not part of the API
 async def demo_token() -> Response:
     """A token for the fixed demo user (demo mode only)."""
     secret = runtime().settings.jwt_secret
@@ -171,6 +173,7 @@ async def demo_token() -> Response:
 
 
 @blueprint.post("/demo/tasks")
+@hide  # demo mode is a local try-out, not part of the API
 async def create_demo_task() -> Response:
     """Create a demo task owned by the caller; the simulated worker advances it."""
     principal = authenticate()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quart import Blueprint, Response, send_from_directory
+from quart_schema.extension import hide
 
 __all__ = ["STATIC_DIR", "blueprint"]
 
@@ -18,6 +19,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class _WebBlueprint(Blueprint):
+    # The page and its files are not part of the API: kept out of /openapi.json.
+    @hide
     async def send_static_file(self, filename: str) -> Response:
         # Revalidate every time (ETag/Last-Modified make that cheap): a page must never run a
         # cached taskstream.js against a newer server. Quart's default caches for 12 hours.
@@ -35,6 +38,7 @@ PAGE_CSP = (
 
 
 @blueprint.get("/")
+@hide
 async def index() -> Response:
     """The demo page: live progress bars for several tasks and a connection indicator."""
     response = await blueprint.send_static_file("index.html")

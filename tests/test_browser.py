@@ -263,10 +263,6 @@ async def test_fetch_fallback_when_eventsource_fails(
     assert len(streams) == 2 and "access_token=" in streams[0] and "access_token" not in streams[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs GET /api/v1/tasks/{id} with long polling (branch feat-api, not merged yet)",
-)
 @MODES
 async def test_polling_fallback_completes_when_sse_fails(
     web: PageWatcher, sql: asyncpg.Connection, mode: str
@@ -277,8 +273,8 @@ async def test_polling_fallback_completes_when_sse_fails(
     card = web.card("job_poll")
     await expect(web.page.locator("#connection")).to_have_attribute("data-status", "polling")
     await expect(card.locator(".transport")).to_have_text("poll · polling")
-    await run_to_success(web, sql, "job_poll")
     await web.screenshot(f"polling-fallback-{mode}.png")
+    await run_to_success(web, sql, "job_poll")
     polls = web.stream_requests("/api/v1/tasks/job_poll")
     assert polls and all("wait=25" in u for u in polls)
 
@@ -493,6 +489,81 @@ async def test_token_expiry_with_a_fixed_token_is_the_end(
     assert error["kind"] == "auth" and error["message"] == "Token expired"
     await asyncio.sleep(1)
     assert len(web.stream_requests()) == 1
+
+
+async def test_long_poll_waits_on_the_server_instead_of_hammering_it(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    await create_task(sql, "lp", owner=DEMO_USER, state="transcribing", progress=5.0)
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await web.open()
+    await web.page.evaluate(START_WATCH, ["watchTask", ["lp"], {"transports": ["poll"]}])
+    await wait_for_event(web, "progress")
+    await asyncio.sleep(3)  # nothing changes: one request is held open the whole time
+    polls = web.stream_requests("/api/v1/tasks/lp")
+    assert len(polls) == 2 and "wait=25&after_version=1" in polls[1], polls
+    await set_task(sql, "lp", progress=60.0)  # answers the held request at once
+    await wait_for_event(web, "progress", 2)
+    await set_task(sql, "lp", state="cancelled")
+    await wait_for_event(web, "complete")
+    assert await events_of(web, "complete") == [{"task_id": "lp", "state": "cancelled"}]
+    assert "polling" in await events_of(web, "status")
+
+
+async def test_watch_tasks_polls_with_etags_when_streaming_fails(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    await web.page.route("**/api/v1/sse/**", lambda route: route.abort())
+    await create_task(sql, "p_a", owner=DEMO_USER, state="queued")
+    await create_task(sql, "p_b", owner=DEMO_USER, state="queued")
+    conditional: list[str] = []
+    web.page.on(
+        "request",
+        lambda req: conditional.append(req.url) if "if-none-match" in req.headers else None,
+    )
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await web.open()
+    await web.page.evaluate(
+        START_WATCH, ["watchTasks", ["p_a", "p_b", "p_gone"], {"pollInterval": 300}]
+    )
+    await wait_for_event(web, "progress", 2)
+    await wait_for_event(web, "error")
+    [gone] = await events_of(web, "error")
+    assert gone == {"kind": "not_found", "message": "Task not found", "taskId": "p_gone"}
+    await set_task(sql, "p_a", state="success", progress=100.0)
+    await set_task(sql, "p_b", state="failed", error="codec")
+    await wait_for_event(web, "done")
+    assert sorted(c["task_id"] for c in await events_of(web, "complete")) == ["p_a", "p_b"]
+    assert "polling" in await events_of(web, "status")
+    assert conditional, "rounds of polling send If-None-Match"
+
+
+@pytest.mark.parametrize(
+    ("task", "token_ttl", "kind", "message"),
+    [
+        ("no_such_task", 600, "not_found", "Task not found"),
+        ("pa", -120, "auth", "Token expired"),
+    ],
+)
+async def test_polling_ends_on_not_found_and_on_a_refused_token(
+    web: PageWatcher,
+    sql: asyncpg.Connection,
+    server: LiveServer,
+    task: str,
+    token_ttl: int,
+    kind: str,
+    message: str,
+) -> None:
+    await create_task(sql, "pa", owner=DEMO_USER, state="queued")
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER, ttl=token_ttl))
+    await web.open()
+    await web.page.evaluate(START_WATCH, ["watchTask", [task], {"transports": ["poll"]}])
+    await wait_for_event(web, "error")
+    [error] = await events_of(web, "error")
+    assert (error["kind"], error["message"]) == (kind, message)
+    await asyncio.sleep(1)
+    # Not found: one request. A refused token: one more with a fresh one, then it stops.
+    assert len(web.stream_requests(f"/api/v1/tasks/{task}")) == (1 if kind == "not_found" else 2)
 
 
 # ---- the module's own pieces --------------------------------------------------------------------
