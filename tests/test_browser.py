@@ -355,7 +355,7 @@ async def test_rejected_token_is_fatal_and_stops(
 async def test_stream_timeout_resumes_by_itself(
     browser: Browser, database_url: str, sql: asyncpg.Connection, mode: str
 ) -> None:
-    settings = conftest.test_settings(database_url, demo=True, retry_ms=200, stream_timeout=1.0)
+    settings = conftest.make_settings(database_url, demo=True, retry_ms=200, stream_timeout=1.0)
     async with run_server(settings) as server, page_for(browser, server) as web:
         await create_task(sql, "job_long", owner=DEMO_USER, state="transcribing", progress=5.0)
         await web.open("?watch=job_long", mode)
@@ -417,6 +417,8 @@ async def test_watch_tasks_shares_one_connection_and_ends_per_task(
     assert {e["kind"] for e in errors} == {"not_found"}
 
     await set_task(sql, "m_a", state="transcribing", progress=50.0)
+    # (The server keeps only the latest state per task in a mailbox: wait, or it may coalesce.)
+    await wait_for_event(web, "progress", 3)
     await set_task(sql, "m_a", state="success", progress=100.0)
     await wait_for_event(web, "complete", 1)
     assert await web.page.evaluate("window.__handle.status") == "live"  # m_b still open

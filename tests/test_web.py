@@ -130,7 +130,7 @@ async def test_demo_routes_do_not_exist_outside_demo_mode(
 @pytest.fixture
 async def demo_server(database_url: str) -> Any:
     # A slow simulated worker, so the tasks these tests create stay where they were put.
-    settings = conftest.test_settings(database_url, demo=True, demo_speed=0.01)
+    settings = conftest.make_settings(database_url, demo=True, demo_speed=0.01)
     async with run_server(settings) as live:
         yield live
 

@@ -43,13 +43,15 @@ export type Transport = "eventsource" | "fetch" | "poll";
 /**
  * Why a watch (or, in watchTasks, one task of it) ended without `complete`:
  * - not_found: the task does not exist or belongs to another user
- * - auth: the token was refused (and a fresh one from getToken was refused too), or getToken threw
+ * - auth: the token was refused (and a fresh one from getToken was refused too), getToken threw,
+ *   or a fixed token expired mid-stream
  * - bad_request: the server rejected the request itself (for example an invalid task id)
  * - unavailable: no allowed transport exists in this environment
+ * - server: an `error` event this client does not know
  */
 export declare class TaskStreamError extends Error {
   readonly name: "TaskStreamError";
-  readonly kind: "not_found" | "auth" | "bad_request" | "unavailable";
+  readonly kind: "not_found" | "auth" | "bad_request" | "unavailable" | "server";
   /** The HTTP status when one was seen (the EventSource transport cannot see them). */
   readonly status: number | null;
   /** Set for per-task errors of watchTasks. */
