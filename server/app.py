@@ -97,9 +97,10 @@ def create_app(settings: Settings | None = None) -> Quart:
         from server.demo import blueprint as demo_blueprint
 
         app.register_blueprint(demo_blueprint)
-    app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
+    send_timeout = SendTimeoutMiddleware(
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
+    app.asgi_app = send_timeout  # type: ignore[method-assign]
 
     @app.before_serving
     async def _start() -> None:
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.after_serving
     async def _stop() -> None:
+        await send_timeout.close()
         await runtime.broker.stop()
         await runtime.pool.close()
 

@@ -18,6 +18,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -31,6 +32,7 @@ __all__ = [
     "ListenerSelfCheckFailed",
     "StreamLimitExceeded",
     "Subscription",
+    "is_new_for_owner_stream",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Subscription:
     __slots__ = (
         "closing",
         "conflated",
+        "created_after",
         "owner_id",
         "pending",
         "sent",
@@ -84,6 +87,8 @@ class Subscription:
         self.wakeup = asyncio.Event()
         self.conflated = 0
         self.closing: str | None = None
+        # Owner-wide streams: tasks created before this instant join only via the snapshot.
+        self.created_after: datetime | None = None
 
     def offer(self, state: TaskState) -> None:
         if not state.deleted and state.version <= self.sent.get(state.id, 0):
@@ -123,6 +128,18 @@ class Subscription:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""
         self.closing = reason
         self.wakeup.set()
+
+
+def is_new_for_owner_stream(state: TaskState, cutoff: datetime | None) -> bool:
+    """Whether a task first seen by an owner-wide stream is new (created after its snapshot)."""
+    if state.deleted or state.created_at is None:
+        return False
+    if cutoff is None:
+        return True  # the snapshot is still being read: keep it, the stream dedups by version
+    try:
+        return datetime.fromisoformat(state.created_at) > cutoff
+    except ValueError:
+        return True
 
 
 class Broker:
@@ -196,6 +213,14 @@ class Broker:
         sub.task_ids.add(task_id)
         self._by_task.setdefault(task_id, set()).add(sub)
 
+    def unwatch(self, sub: Subscription, task_id: str) -> None:
+        sub.task_ids.discard(task_id)
+        subs = self._by_task.get(task_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_task[task_id]
+
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove a mailbox. Idempotent, so every exit path may call it."""
         if sub not in self._all:
@@ -206,12 +231,8 @@ class Broker:
             self._per_user[sub.user_id] = left
         else:
             self._per_user.pop(sub.user_id, None)
-        for tid in sub.task_ids:
-            subs = self._by_task.get(tid)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._by_task[tid]
+        for tid in list(sub.task_ids):
+            self.unwatch(sub, tid)
         if sub.owner_id is not None:
             owners = self._by_owner.get(sub.owner_id)
             if owners is not None:
@@ -228,7 +249,9 @@ class Broker:
         owners = self._by_owner.get(state.owner_id)
         if owners:
             for sub in owners:
-                if state.id not in sub.task_ids:
+                if state.id not in sub.task_ids and is_new_for_owner_stream(
+                    state, sub.created_after
+                ):
                     self.watch(sub, state.id)
                     sub.offer(state)
         for listener in self.listeners:
