@@ -112,8 +112,9 @@ class TaskState:
     # The ETA anchor kept by the trigger (sql/002_task_started.sql): when work was first seen.
     started_at: str | None = None
     start_progress: float | None = None
-    _eta: int | None = field(default=None, repr=False, compare=False)
-    _eta_known: bool = field(default=False, repr=False, compare=False)
+    # The memo of `eta`; init=False so that dataclasses.replace() never copies a stale one.
+    _eta: int | None = field(default=None, init=False, repr=False, compare=False)
+    _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
     _progress_json: str | None = field(default=None, repr=False, compare=False)
     _progress_bytes: bytes | None = field(default=None, repr=False, compare=False)
 

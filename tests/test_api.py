@@ -721,14 +721,59 @@ async def test_unknown_route_and_method_are_json(
     assert_error_shape(r, 405)
 
 
-async def test_database_down_is_503(
+ROUTES = [
+    ("POST", "/api/v1/tasks", {}),
+    ("GET", "/api/v1/tasks", None),
+    ("GET", "/api/v1/tasks/t1", None),
+    ("GET", "/api/v1/tasks/t1?wait=5&after_version=0", None),
+    ("PATCH", "/api/v1/tasks/t1", {"progress": 5}),
+    ("POST", "/api/v1/tasks/t1/cancel", None),
+]
+
+
+async def test_every_route_needs_a_token(
     server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
 ) -> None:
     await create_task(sql, "t1")
+    for method, path, body in ROUTES:
+        r = await client.request(method, server.url + path, json=body)
+        assert_error_shape(r, 401)
+        assert r.headers["www-authenticate"] == "Bearer", (method, path)
+
+
+async def test_database_down_is_503_everywhere(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    await create_task(sql, "t1")
+    token = server.token("alice", scopes=WRITE)
     await server.runtime.pool.close()
     try:
-        r = await client.get(tasks_url(server, "t1"), headers=auth(server.token()))
-        assert_error_shape(r, 503)
-        assert r.headers["retry-after"] == "2"
+        for method, path, body in ROUTES:
+            r = await client.request(method, server.url + path, json=body, headers=auth(token))
+            assert_error_shape(r, 503)
+            assert r.headers["retry-after"] == "2", (method, path)
     finally:
         server.runtime.pool = await db.create_pool(server.settings.database_url or "")
+    assert server.runtime.broker.subscriber_count == 0
+
+
+async def test_long_poll_while_draining_is_503(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    """Shutdown: a waiting long poll is let go at once, and new ones are refused."""
+    await create_task(sql, "t1")
+    params = {"wait": 30, "after_version": 1}
+    poll = asyncio.create_task(
+        client.get(tasks_url(server, "t1"), params=params, headers=auth(server.token()))
+    )
+    for _ in range(50):
+        if server.runtime.broker.subscriber_count == 1:
+            break
+        await asyncio.sleep(0.05)
+    await server.runtime.drain()
+    r = await asyncio.wait_for(poll, 5)
+    assert_error_shape(r, 503)
+    assert r.headers["retry-after"] == "1"
+    r = await client.get(tasks_url(server, "t1"), params=params, headers=auth(server.token()))
+    assert_error_shape(r, 503)
+    server.runtime.draining = False

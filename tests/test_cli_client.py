@@ -50,10 +50,19 @@ async def start_cli(*args: str, env: dict[str, str] | None = None) -> asyncio.su
     )
 
 
-async def finish(proc: asyncio.subprocess.Process, timeout: float = 30) -> Result:
+async def finish(proc: asyncio.subprocess.Process, timeout: float = 30, seen: str = "") -> Result:
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
-    return Result(proc.returncode, out.decode(), err.decode())
+    return Result(proc.returncode, out.decode(), seen + err.decode())
+
+
+async def first_progress(proc: asyncio.subprocess.Process, timeout: float = 15) -> str:
+    """The watcher's first progress line (stderr): once it is out, the snapshot was taken, so
+    what the test writes next arrives as a change."""
+    assert proc.stderr is not None
+    line = await asyncio.wait_for(proc.stderr.readline(), timeout)
+    assert line, "the watcher printed nothing"
+    return line.decode()
 
 
 async def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> Result:
@@ -100,13 +109,14 @@ def test_bar_and_eta_formatting() -> None:
 async def test_watch_success_exits_0(server: LiveServer, sql: asyncpg.Connection) -> None:
     await create_task(sql, "t1", state="queued")
     proc = await start_cli(*watch_args(server, "t1"))
-    await wait_for_stream(server)
+    seen = await first_progress(proc)
+    assert "0.0%  queued  ETA --" in seen
     await sql.execute(
         "UPDATE taskstream.tasks SET state = 'transcribing', progress = 40, estimated_time = 71"
     )
     await asyncio.sleep(0.2)
     await sql.execute("UPDATE taskstream.tasks SET state = 'success', progress = 100")
-    r = await finish(proc)
+    r = await finish(proc, seen=seen)
     assert r.code == 0, r
     assert r.last_line == "success"
     # Not a terminal: one line per change on stderr, with state, percent and ETA.
@@ -127,7 +137,7 @@ async def test_watch_failed_or_cancelled_exits_1(
 ) -> None:
     await create_task(sql, "t1", state="running")
     proc = await start_cli(*watch_args(server, "t1"))
-    await wait_for_stream(server)
+    await first_progress(proc)
     await sql.execute(f"UPDATE taskstream.tasks SET {update}")
     r = await finish(proc)
     assert (r.code, r.last_line) == (1, reason), r
@@ -193,7 +203,7 @@ async def test_watch_resumes_after_the_server_drops_the_stream(
     Last-Event-ID and still sees every later change."""
     await create_task(sql, "t1", state="running")
     proc = await start_cli(*watch_args(server, "t1"))
-    await wait_for_stream(server)
+    seen = await first_progress(proc)
     rt = server.runtime
     await rt.drain()
     await asyncio.sleep(0.5)  # reconnects meanwhile get 503 + Retry-After
@@ -201,7 +211,7 @@ async def test_watch_resumes_after_the_server_drops_the_stream(
     rt.draining = False
     await wait_for_stream(server)
     await sql.execute("UPDATE taskstream.tasks SET state = 'success', progress = 100")
-    r = await finish(proc)
+    r = await finish(proc, seen=seen)
     assert (r.code, r.last_line) == (0, "success"), r
     assert "50.0%" in r.stderr
 
@@ -277,12 +287,12 @@ async def test_create_and_update_in_the_database(
 
     # A watcher sees writes made with the CLI, and exits 0 when the CLI says success.
     watcher = await start_cli(*watch_args(server, "db-1"))
-    await wait_for_stream(server)
+    seen = await first_progress(watcher)
     r = await cli("update", "db-1", "--state", "transcribing", "--progress", "40", env=env)
     assert r.code == 0 and json.loads(r.stdout)["state"] == "transcribing", r
     r = await cli("update", "db-1", "--state", "success", "--progress", "100", env=env)
     assert r.code == 0, r
-    w = await finish(watcher)
+    w = await finish(watcher, seen=seen)
     assert (w.code, w.last_line) == (0, "success"), w
     assert "40.0%  transcribing" in w.stderr
 
