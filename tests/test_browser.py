@@ -244,6 +244,23 @@ async def test_demo_button_runs_several_tasks_at_once(
     assert all(r["owner_id"] == DEMO_USER and r["version"] >= 4 for r in rows), rows
 
 
+async def test_page_without_demo_mode_takes_a_pasted_token(
+    browser: Browser, database_url: str, sql: asyncpg.Connection
+) -> None:
+    async with run_server(conftest.make_settings(database_url)) as server:
+        async with page_for(browser, server) as web:
+            await create_task(sql, "job_paste", owner="alice", state="transcribing", progress=30.0)
+            await web.open()
+            await expect(web.page.locator("#start-demo")).to_be_hidden()
+            await web.page.fill("#token", server.token("alice"))
+            await web.page.fill("#task-id", "job_paste")
+            await web.page.click("#watch-form button[type=submit]")
+            card = web.card("job_paste")
+            await expect(card.locator(".bar")).to_have_attribute("aria-valuenow", "30")
+            await set_task(sql, "job_paste", state="success", progress=100.0)
+            await expect(card.locator(".outcome")).to_have_text("✓ complete")
+
+
 # ---- fallbacks ----------------------------------------------------------------------------------
 
 
