@@ -67,7 +67,8 @@ export interface WatchOptionsBase {
   baseUrl?: string;
   /** Transports to try, in this order. Default: ["eventsource", "fetch", "poll"]. */
   transports?: Transport[];
-  /** Called with every new version of a task, in version order, never twice for one version. */
+  /** Called with each new version of a task, in version order, never twice for one version
+   * (intermediate versions of a fast writer may be skipped; the latest always arrives). */
   onProgress?: (progress: TaskProgress) => void;
   /** Called when the server's stream timeout is reached; the stream then resumes by itself. */
   onTimeout?: (data: TaskTimeout) => void;
