@@ -88,18 +88,29 @@ def create_app(settings: Settings | None = None) -> Quart:
         verifier=TokenVerifier(resolve_secret(settings, embedded=False)),
     )
 
-    app = Quart("taskstream")
+    # No app-level static folder: it would serve ./static of whatever directory the server was
+    # started in, and shadow the web blueprint's /static/ (the packaged server/static).
+    app = Quart("taskstream", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
     # App-wide, so routes that other modules register later get the same CORS answers.
     apply_cors(app, settings.cors_origins)
 
+    from server import openapi
+    from server.api import blueprint as api_blueprint
     from server.ops import blueprint as ops_blueprint
     from server.ops import sample_queue_usage
     from server.streams import blueprint as streams_blueprint
+    from server.web import blueprint as web_blueprint
 
     app.register_blueprint(streams_blueprint)
     app.register_blueprint(ops_blueprint)
+    app.register_blueprint(api_blueprint)
+    app.register_blueprint(web_blueprint)
+    if settings.demo:
+        from server.demo import blueprint as demo_blueprint
+
+        app.register_blueprint(demo_blueprint)
     send_timeout = SendTimeoutMiddleware(
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
@@ -142,6 +153,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
+
+    # After every route exists: the OpenAPI document is generated from the URL map.
+    openapi.install(app)
 
     @app.errorhandler(AuthError)
     async def _auth_error(exc: AuthError) -> Response:

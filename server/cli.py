@@ -1,4 +1,5 @@
-"""The ``taskstream`` command: serve, migrate, token.
+"""The ``taskstream`` command: serve, migrate, token, and the terminal client (watch, create,
+update; see :mod:`server.termclient`).
 
 ``serve`` owns process lifetime: it starts the embedded PostgreSQL once (when DATABASE_URL is
 unset), applies migrations, checks that NOTIFY reaches a LISTEN connection, binds the sockets, then
@@ -147,6 +148,9 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.demo:
+        # Workers are spawned processes: they learn about demo mode from the environment.
+        os.environ["TASKSTREAM_DEMO"] = "1"
     settings = Settings.from_env()
     _setup_logging(settings.log_level)
     config = _hypercorn_config(args, settings)
@@ -162,6 +166,16 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = all_sockets[0].getsockname()[:2]
         scheme = "https" if args.certfile else "http"
         print(f"taskstream listening on {scheme}://{host}:{port}", flush=True)
+        if settings.demo:
+            print(
+                f"demo mode: open {scheme}://{host}:{port}/ (local use only: anyone who can "
+                "reach this port gets a token for the demo user)",
+                flush=True,
+            )
+            if not _is_loopback(args.host):
+                logger.warning(
+                    "demo mode on a non-loopback address (%s): never in production", args.host
+                )
         if args.workers <= 1:
             _worker(config, sockets)
         else:
@@ -179,6 +193,17 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("taskstream stopped")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _run_workers(config: Any, sockets: Any) -> None:
@@ -253,6 +278,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--certfile", help="TLS certificate (enables HTTP/2 over TLS)")
     serve.add_argument("--keyfile", help="TLS private key")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="local try-out: demo page with a token endpoint for user 'demo' and a simulated "
+        "worker (never in production)",
+    )
     serve.set_defaults(func=_serve)
 
     migrate = sub.add_parser("migrate", help="apply pending migrations and exit")
@@ -263,6 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--scope", action="append", help="add a scope (repeatable)")
     token.set_defaults(func=_token)
+
+    from server.termclient import add_commands
+
+    add_commands(sub)
     return parser
 
 

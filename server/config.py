@@ -90,6 +90,10 @@ class Settings:
     log_level: str = "INFO"
     cors_origins: tuple[str, ...] = ()
     metrics_sample_interval: float = 10.0
+    # Demo mode (`taskstream serve --demo`): a token endpoint for a fixed user and a simulated
+    # worker. For a local try-out only, never for production.
+    demo: bool = False
+    demo_speed: float = 1.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -119,4 +123,6 @@ class Settings:
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
             cors_origins=_origins(e, "TASKSTREAM_CORS_ORIGINS"),
             metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
+            demo=_bool(e, "TASKSTREAM_DEMO", False),
+            demo_speed=_float(e, "TASKSTREAM_DEMO_SPEED", 1.0, minimum=0.01),
         )

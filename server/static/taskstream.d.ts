@@ -1,0 +1,141 @@
+// Types for taskstream.js (a plain ES module; no build step).
+
+/** Terminal states: after one of these a task never changes again. */
+export type TerminalState = "success" | "failed" | "cancelled";
+
+/** The `progress` event, and the task fields the polling fallback maps onto it. */
+export interface TaskProgress {
+  task_id: string;
+  state: string;
+  /** 0 to 100. */
+  progress: number;
+  /** Seconds left, or null when unknown. */
+  estimated_time: number | null;
+  /** ISO 8601 timestamp of the change. */
+  updated_at: string | null;
+  /** Increases by one with each committed change; also the SSE event id. */
+  version: number;
+}
+
+/** The `complete` event: the task reached a terminal state. */
+export interface TaskComplete {
+  task_id: string;
+  state: TerminalState;
+  /** Present when state is "failed". */
+  error?: string | null;
+}
+
+export interface TaskTimeout {
+  message: string;
+}
+
+/**
+ * - connecting: opening the first connection
+ * - live: a stream is open (EventSource or fetch)
+ * - reconnecting: the connection dropped; the client is getting it back (it does not give up)
+ * - polling: streaming is unavailable; long polling the REST API instead
+ * - closed: the watch has ended (complete, fatal error, or a timeout with reconnectOnTimeout off)
+ */
+export type ConnectionStatus = "connecting" | "live" | "reconnecting" | "polling" | "closed";
+
+export type Transport = "eventsource" | "fetch" | "poll";
+
+/**
+ * Why a watch (or, in watchTasks, one task of it) ended without `complete`:
+ * - not_found: the task does not exist or belongs to another user
+ * - auth: the token was refused (and a fresh one from getToken was refused too), getToken threw,
+ *   or a fixed token expired mid-stream
+ * - bad_request: the server rejected the request itself (for example an invalid task id)
+ * - unavailable: no allowed transport exists in this environment
+ * - server: an `error` event this client does not know
+ */
+export declare class TaskStreamError extends Error {
+  readonly name: "TaskStreamError";
+  readonly kind: "not_found" | "auth" | "bad_request" | "unavailable" | "server";
+  /** The HTTP status when one was seen (the EventSource transport cannot see them). */
+  readonly status: number | null;
+  /** Set for per-task errors of watchTasks. */
+  readonly taskId: string | null;
+}
+
+export interface WatchOptionsBase {
+  /** A bearer token (JWT). Give this or getToken. */
+  token?: string;
+  /** Called before each new connection, and once more after a 401, so tokens can be refreshed. */
+  getToken?: () => string | Promise<string>;
+  /** Server origin, e.g. "https://api.example.com". Default: the page's origin. */
+  baseUrl?: string;
+  /** Transports to try, in this order. Default: ["eventsource", "fetch", "poll"]. */
+  transports?: Transport[];
+  /** Called with each new version of a task, in version order, never twice for one version
+   * (intermediate versions of a fast writer may be skipped; the latest always arrives). */
+  onProgress?: (progress: TaskProgress) => void;
+  /** Called when the server's stream timeout is reached; the stream then resumes by itself. */
+  onTimeout?: (data: TaskTimeout) => void;
+  onStatus?: (status: ConnectionStatus, detail: { transport: Transport | null }) => void;
+  /** Default true: after `timeout`, reconnect and resume. False: end the watch there. */
+  reconnectOnTimeout?: boolean;
+  /** Send cookies cross-origin (EventSource withCredentials, fetch credentials: "include"). */
+  withCredentials?: boolean;
+  /** Long-poll wait in seconds (the server allows at most 60). Default 25. */
+  pollWait?: number;
+  /** Milliseconds between polling rounds for several tasks. Default 2000. */
+  pollInterval?: number;
+  /** A first stream that delivers no event within this many ms counts as failed. Default 10000. */
+  firstEventTimeout?: number;
+  /** A fetch stream silent (no heartbeat either) this many ms is reconnected. Default 60000. */
+  idleTimeout?: number;
+  /** An EventSource implementation to use instead of the browser's; null disables it. */
+  EventSource?: (new (url: string, init?: { withCredentials?: boolean }) => EventSource) | null;
+  /** A fetch implementation to use instead of the global one. */
+  fetch?: typeof fetch;
+}
+
+export interface WatchTaskOptions extends WatchOptionsBase {
+  /** The task reached a terminal state. The watch is closed after this call. */
+  onComplete?: (result: TaskComplete) => void;
+  /** The watch ended for good (not found, auth). Transient connection errors are not reported here. */
+  onError?: (error: TaskStreamError) => void;
+}
+
+export interface WatchTasksOptions extends WatchOptionsBase {
+  /** One task reached a terminal state. */
+  onComplete?: (result: TaskComplete) => void;
+  /** One task is not found (error.taskId is set), or the whole watch ended (error.taskId null). */
+  onError?: (error: TaskStreamError) => void;
+  /** Every task has ended; the connection is closed. */
+  onAllDone?: (results: Record<string, TaskComplete | TaskStreamError>) => void;
+}
+
+export interface WatchHandle {
+  /** Stop watching. Idempotent; no callback is called afterwards. */
+  close(): void;
+  readonly status: ConnectionStatus | null;
+  readonly transport: Transport | null;
+  /** The last SSE event id received (the task version, for the single-task stream). */
+  readonly lastEventId: string | null;
+}
+
+/** Watch one task until it completes, is not found, or close() is called. */
+export declare function watchTask(taskId: string, options: WatchTaskOptions): WatchHandle;
+
+/** Watch several tasks over one connection; ids must not contain commas. */
+export declare function watchTasks(taskIds: string[], options: WatchTasksOptions): WatchHandle;
+
+export declare function isTerminal(state: string): state is TerminalState;
+
+export interface SSEEvent {
+  type: string;
+  data: string;
+  id: string;
+}
+
+/** Incremental text/event-stream parser (used by the fetch transport). */
+export declare class SSEParser {
+  constructor(onEvent: (event: SSEEvent) => void, onRetry?: (ms: number) => void);
+  readonly lastEventId: string;
+  /** Feed decoded text, in chunks of any size. */
+  push(text: string): void;
+  /** The stream ended: an unfinished event is dropped. */
+  end(): void;
+}

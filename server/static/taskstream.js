@@ -1,0 +1,785 @@
+// taskstream.js: watch the progress of taskstream tasks from a browser.
+//
+// A dependency-free ES module with no build step: serve it as is and `import` it.
+//
+//   import { watchTask } from "/static/taskstream.js";
+//   const handle = watchTask("task_abc123", {
+//     getToken: () => auth.currentToken(),
+//     onProgress: (p) => render(p.state, p.progress, p.estimated_time),
+//     onComplete: (c) => console.log("finished:", c.state),
+//     onError: (e) => console.error(e.kind, e.message),
+//   });
+//   handle.close();  // when the view goes away
+//
+// Transports, tried in this order until one works:
+//   1. native EventSource (token in the `access_token` query parameter, because EventSource cannot
+//      send headers); it reconnects by itself and resumes with Last-Event-ID;
+//   2. fetch() streaming with an `Authorization` header, the SSE parsed here;
+//   3. long polling of GET /api/v1/tasks/{id}?wait=25&after_version=N.
+// A transport is abandoned only if it fails before it has worked once. After that, a lost
+// connection is transient: the watch reconnects and never closes on it. A watch closes on
+// `complete`, on "Task not found", on an authentication failure that a fresh token does not cure,
+// or when the caller calls close().
+
+const TERMINAL_STATES = new Set(["success", "failed", "cancelled"]);
+const TRANSPORTS = ["eventsource", "fetch", "poll"];
+
+/**
+ * Why a watch ended without `complete`. `kind` is "not_found", "auth", "bad_request",
+ * "unavailable" (no transport can run here) or "server" (an error event this client does not know).
+ */
+export class TaskStreamError extends Error {
+  constructor(kind, message, { status = null, taskId = null } = {}) {
+    super(message);
+    this.name = "TaskStreamError";
+    this.kind = kind;
+    this.status = status;
+    this.taskId = taskId;
+  }
+}
+
+/** True for the states after which a task never changes again. */
+export function isTerminal(state) {
+  return TERMINAL_STATES.has(state);
+}
+
+/**
+ * An incremental parser for the text/event-stream format (the WHATWG "event stream
+ * interpretation"): feed it decoded text in chunks of any size; it calls `onEvent` once per
+ * dispatched event with `{ type, data, id }`, and `onRetry(ms)` for each valid `retry:` field.
+ * Comments (heartbeats) are ignored.
+ */
+export class SSEParser {
+  constructor(onEvent, onRetry = () => {}) {
+    this.onEvent = onEvent;
+    this.onRetry = onRetry;
+    this.buffer = "";
+    this.started = false;
+    this.lastEventId = "";
+    this.reset();
+  }
+
+  reset() {
+    this.type = "";
+    this.data = [];
+    this.hasData = false;
+  }
+
+  push(text) {
+    if (!this.started) {
+      this.started = true;
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+    }
+    this.buffer += text;
+    for (;;) {
+      const match = /\r\n|\r|\n/.exec(this.buffer);
+      if (match === null) return;
+      // A CR at the very end may be the first half of a CRLF split across chunks.
+      if (match[0] === "\r" && match.index === this.buffer.length - 1) return;
+      const line = this.buffer.slice(0, match.index);
+      this.buffer = this.buffer.slice(match.index + match[0].length);
+      this.line(line);
+    }
+  }
+
+  /** The stream ended: a trailing CR still ends its line; an unfinished event is dropped. */
+  end() {
+    if (this.buffer.endsWith("\r")) this.line(this.buffer.slice(0, -1));
+    this.buffer = "";
+    this.reset();
+  }
+
+  line(line) {
+    if (line === "") {
+      this.dispatch();
+      return;
+    }
+    if (line.startsWith(":")) return;
+    const colon = line.indexOf(":");
+    let field = line;
+    let value = "";
+    if (colon !== -1) {
+      field = line.slice(0, colon);
+      value = line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+    }
+    if (field === "event") this.type = value;
+    else if (field === "data") {
+      this.data.push(value);
+      this.hasData = true;
+    } else if (field === "id") {
+      if (!value.includes("\0")) this.lastEventId = value;
+    } else if (field === "retry") {
+      if (/^\d+$/.test(value)) this.onRetry(Number(value));
+    }
+  }
+
+  dispatch() {
+    const event = { type: this.type || "message", data: this.data.join("\n"), id: this.lastEventId };
+    const hasData = this.hasData;
+    this.reset();
+    if (hasData) this.onEvent(event);
+  }
+}
+
+const sleep = (ms, signal) =>
+  new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+
+// Spread reconnects of many clients that lost the same server at once.
+const jitter = (ms) => Math.round(ms * (1 + Math.random() * 0.5));
+
+function backoff(attempt) {
+  return jitter(Math.min(30000, 1000 * 2 ** Math.min(attempt, 5)));
+}
+
+function retryAfterMs(response, fallback) {
+  const raw = response.headers.get("Retry-After");
+  const seconds = raw === null ? NaN : Number(raw);
+  return Number.isFinite(seconds) && seconds >= 0 ? jitter(seconds * 1000) : fallback;
+}
+
+function callSafely(fn, ...args) {
+  if (typeof fn !== "function") return undefined;
+  try {
+    return fn(...args);
+  } catch (err) {
+    // A bug in the caller's callback must not stop the watch.
+    (globalThis.reportError ?? console.error)(err);
+    return undefined;
+  }
+}
+
+/** Raised inside a transport to move on to the next one. */
+class Unusable extends Error {}
+
+/**
+ * One watch of one task (single mode) or of a list of tasks (multi mode) over one connection.
+ * It owns at most one live transport at a time.
+ */
+class Watch {
+  constructor(mode, ids, options) {
+    if (!options || (options.token == null && typeof options.getToken !== "function")) {
+      throw new TypeError("watchTask needs { token } or { getToken }");
+    }
+    this.mode = mode;
+    this.ids = ids;
+    this.opts = {
+      pollWait: 25,
+      pollInterval: 2000,
+      firstEventTimeout: 10000,
+      idleTimeout: 60000,
+      reconnectOnTimeout: true,
+      withCredentials: false,
+      ...options,
+    };
+    this.baseUrl = (options.baseUrl ?? "").replace(/\/+$/, "");
+    // `EventSource: null` turns the native transport off; undefined means the browser's own.
+    this.EventSource =
+      options.EventSource === undefined ? globalThis.EventSource ?? null : options.EventSource;
+    this.fetch = options.fetch ?? globalThis.fetch?.bind(globalThis) ?? null;
+    const wanted = options.transports ?? TRANSPORTS;
+    for (const name of wanted) {
+      if (!TRANSPORTS.includes(name)) throw new TypeError(`unknown transport ${name}`);
+    }
+    this.ladder = TRANSPORTS.filter((name) => wanted.includes(name));
+    this.versions = new Map(); // task id -> last version delivered
+    this.pending = new Set(ids); // tasks not yet terminal
+    this.results = {};
+    this.lastState = new Map(); // task id -> last progress data
+    this.lastEventId = null;
+    this.status = null;
+    this.transport = null;
+    this.closed = false;
+    this.abort = new AbortController();
+    this.es = null;
+    this.setStatus("connecting");
+    this.run();
+  }
+
+  // ---- outcome -------------------------------------------------------------------------------
+
+  setStatus(status) {
+    if (this.closed || status === this.status) return;
+    this.status = status;
+    callSafely(this.opts.onStatus, status, { transport: this.transport });
+  }
+
+  shutdown() {
+    this.closed = true;
+    this.abort.abort();
+    if (this.es) {
+      this.es.close();
+      this.es = null;
+    }
+  }
+
+  /** The caller's close(): stop everything, call nothing more. */
+  close() {
+    if (this.closed) return;
+    this.shutdown();
+    this.status = "closed";
+  }
+
+  finish(callback, value) {
+    if (this.closed) return;
+    this.setStatus("closed");
+    this.shutdown();
+    callSafely(callback, value);
+  }
+
+  fail(error) {
+    this.finish(this.opts.onError, error);
+  }
+
+  // ---- events, whatever the transport --------------------------------------------------------
+
+  handle(type, raw, id) {
+    if (this.closed) return;
+    if (id) this.lastEventId = id;
+    let data;
+    try {
+      data = JSON.parse(raw);
+    } catch {
+      return; // not ours; ignore rather than die
+    }
+    if (type === "progress") this.onProgress(data);
+    else if (type === "complete") this.onComplete(data);
+    else if (type === "error") this.onServerError(data);
+    else if (type === "timeout") this.onTimeout(data);
+  }
+
+  taskIdOf(data) {
+    return this.mode === "single" ? this.ids[0] : data.task_id;
+  }
+
+  onProgress(data) {
+    const taskId = this.taskIdOf(data);
+    if (!this.pending.has(taskId)) return;
+    const seen = this.versions.get(taskId);
+    if (typeof data.version === "number" && seen !== undefined && data.version <= seen) return;
+    if (typeof data.version === "number") this.versions.set(taskId, data.version);
+    if (data.task_id === undefined) data = { task_id: taskId, ...data };
+    this.lastState.set(taskId, data);
+    callSafely(this.opts.onProgress, data);
+  }
+
+  onComplete(data) {
+    const taskId = this.taskIdOf(data);
+    if (!this.pending.has(taskId)) return;
+    if (data.task_id === undefined) data = { task_id: taskId, ...data };
+    this.pending.delete(taskId);
+    this.results[taskId] = data;
+    if (this.mode === "single") {
+      this.finish(this.opts.onComplete, data);
+      return;
+    }
+    callSafely(this.opts.onComplete, data);
+    this.maybeAllDone();
+  }
+
+  onServerError(data) {
+    const message = typeof data.error === "string" ? data.error : "Stream error";
+    if (data.task_id == null && /token/i.test(message)) {
+      this.onTokenExpired(message);
+      return;
+    }
+    const taskId = this.mode === "single" ? this.ids[0] : data.task_id ?? null;
+    const kind = /not found/i.test(message) ? "not_found" : "server";
+    const error = new TaskStreamError(kind, message, { taskId });
+    if (this.mode === "single" || taskId === null) {
+      this.fail(error);
+      return;
+    }
+    if (!this.pending.has(taskId)) return;
+    this.pending.delete(taskId);
+    this.results[taskId] = error;
+    callSafely(this.opts.onError, error);
+    this.maybeAllDone();
+  }
+
+  /**
+   * The server ends a stream when the token it was opened with expires. With getToken, that is
+   * routine: reconnect with a fresh token and resume. With a fixed token, it is the end.
+   */
+  onTokenExpired(message) {
+    if (typeof this.opts.getToken !== "function") {
+      this.fail(new TaskStreamError("auth", message));
+      return;
+    }
+    this.setStatus("reconnecting");
+    // fetch reconnects (with a fresh token) when the stream ends; an EventSource would come back
+    // with the stale token in its URL, so it is replaced.
+    this.replaceEventSource?.();
+  }
+
+  onTimeout(data) {
+    callSafely(this.opts.onTimeout, data);
+    // The server closes the stream after `timeout`; a reconnect resumes from the last event id.
+    if (!this.opts.reconnectOnTimeout) this.finish(null);
+  }
+
+  maybeAllDone() {
+    if (this.pending.size === 0) this.finish(this.opts.onAllDone, this.results);
+  }
+
+  /** A transport lost its connection: if the last state seen was terminal, that is the end. */
+  finishIfTerminalSeen() {
+    for (const taskId of [...this.pending]) {
+      const last = this.lastState.get(taskId);
+      if (last && isTerminal(last.state)) this.onComplete({ task_id: taskId, state: last.state });
+    }
+    return this.closed;
+  }
+
+  // ---- credentials and URLs ------------------------------------------------------------------
+
+  async token() {
+    if (typeof this.opts.getToken === "function") {
+      try {
+        return await this.opts.getToken();
+      } catch (err) {
+        throw new TaskStreamError("auth", `getToken failed: ${err?.message ?? err}`);
+      }
+    }
+    return this.opts.token;
+  }
+
+  streamPath() {
+    if (this.mode === "single") {
+      return [`/api/v1/sse/tasks/${encodeURIComponent(this.ids[0])}/progress`, {}];
+    }
+    // Always the full list, in the same order: the multi-task resume id is positional.
+    return ["/api/v1/sse/tasks", { ids: this.ids.join(",") }];
+  }
+
+  /**
+   * The one place where an EventSource URL gets its credentials. EventSource cannot send
+   * headers, so the token travels as `access_token`. A ticket flow (a short-lived, one-use
+   * `ticket` exchanged for the token) slots in here and nowhere else.
+   */
+  async eventSourceUrl(resume) {
+    const [path, params] = this.streamPath();
+    const query = new URLSearchParams(params);
+    query.set("access_token", await this.token());
+    // A new EventSource cannot set Last-Event-ID; the server also reads `lastEventId`.
+    if (resume && this.lastEventId) query.set("lastEventId", this.lastEventId);
+    return `${this.baseUrl}${path}?${query}`;
+  }
+
+  async fetchHeaders(extra = {}) {
+    return { Authorization: `Bearer ${await this.token()}`, ...extra };
+  }
+
+  fetchInit(headers, signal) {
+    return {
+      headers,
+      signal,
+      cache: "no-store",
+      credentials: this.opts.withCredentials ? "include" : "same-origin",
+    };
+  }
+
+  // ---- the transport ladder ------------------------------------------------------------------
+
+  async run() {
+    for (const name of this.ladder) {
+      if (this.closed) return;
+      this.transport = name;
+      try {
+        if (name === "eventsource") await this.runEventSource();
+        else if (name === "fetch") await this.runFetch();
+        else await this.runPoll();
+        return; // the transport ended the watch
+      } catch (err) {
+        if (this.closed) return;
+        if (err instanceof TaskStreamError) {
+          this.fail(err);
+          return;
+        }
+        if (!(err instanceof Unusable)) {
+          (globalThis.reportError ?? console.error)(err);
+        }
+        this.setStatus("reconnecting");
+      }
+    }
+    if (!this.closed) {
+      this.fail(new TaskStreamError("unavailable", "No transport could reach the server"));
+    }
+  }
+
+  /**
+   * Native EventSource. Resolves when the watch ends; rejects with Unusable when it fails before
+   * it ever worked (first connection: before its first event; a reopened one: before it opens).
+   */
+  runEventSource() {
+    const ES = this.EventSource;
+    if (typeof ES !== "function") return Promise.reject(new Unusable("no EventSource"));
+    return new Promise((resolve, reject) => {
+      let proven = false;
+      let reopenAttempt = 0;
+      const stop = () => resolve();
+      this.abort.signal.addEventListener("abort", stop);
+
+      const open = async (resume) => {
+        let url;
+        try {
+          url = await this.eventSourceUrl(resume);
+        } catch (err) {
+          reject(err);
+          return;
+        }
+        if (this.closed) return;
+        const es = new ES(url, { withCredentials: this.opts.withCredentials });
+        this.es = es;
+        let opened = false;
+        let firstTimer = null;
+        if (!proven) {
+          // An open stream that delivers nothing (a buffering proxy) is no use either.
+          firstTimer = setTimeout(() => {
+            if (!proven && this.es === es) giveUp(es, "no event received");
+          }, this.opts.firstEventTimeout);
+        }
+        const onEvent = (type) => (ev) => {
+          if (this.es !== es) return;
+          proven = true;
+          reopenAttempt = 0;
+          clearTimeout(firstTimer);
+          this.setStatus("live");
+          this.handle(type, ev.data, ev.lastEventId);
+        };
+        for (const type of ["progress", "complete", "timeout"]) {
+          es.addEventListener(type, onEvent(type));
+        }
+        es.addEventListener("open", () => {
+          if (this.es !== es) return;
+          opened = true;
+          if (resume) {
+            proven = true;
+            reopenAttempt = 0;
+          }
+          if (proven) this.setStatus("live");
+        });
+        es.addEventListener("error", (ev) => {
+          if (this.es !== es || this.closed) return;
+          if (typeof ev.data === "string") {
+            // The server's own `event: error` (task not found), not a connection problem.
+            onEvent("error")(ev);
+            return;
+          }
+          if (!proven) {
+            giveUp(es, opened ? "stream ended before its first event" : "connection failed");
+            return;
+          }
+          if (this.finishIfTerminalSeen()) return;
+          if (es.readyState !== ES.CLOSED) {
+            // Transient: the browser reconnects by itself, sending Last-Event-ID. Let it.
+            this.setStatus("reconnecting");
+            return;
+          }
+          // The browser gave up (an HTTP error such as an expired token in the URL). Open a new
+          // EventSource with a fresh token, resuming where we were; if that one cannot even open,
+          // fall through to fetch, which can see the HTTP status and tell a fatal error.
+          es.close();
+          this.es = null;
+          this.setStatus("reconnecting");
+          if (resume && !opened) {
+            reject(new Unusable("reopened EventSource failed"));
+            return;
+          }
+          reopenAttempt += 1;
+          sleep(backoff(reopenAttempt - 1), this.abort.signal).then(() => {
+            if (!this.closed) open(true);
+          });
+        });
+      };
+
+      this.replaceEventSource = () => {
+        if (!this.es) return;
+        this.es.close();
+        this.es = null;
+        sleep(jitter(250), this.abort.signal).then(() => {
+          if (!this.closed) open(true);
+        });
+      };
+
+      const giveUp = (es, why) => {
+        es.close();
+        if (this.es === es) this.es = null;
+        this.abort.signal.removeEventListener("abort", stop);
+        reject(new Unusable(why));
+      };
+
+      open(false);
+    });
+  }
+
+  /** fetch() streaming with an Authorization header; SSE parsed by SSEParser. */
+  async runFetch() {
+    if (typeof this.fetch !== "function" || typeof TextDecoder !== "function") {
+      throw new Unusable("no fetch streaming");
+    }
+    let proven = false;
+    let attempt = 0;
+    let retryMs = 3000;
+    let refreshed = false;
+    while (!this.closed) {
+      const controller = new AbortController();
+      const onAbort = () => controller.abort();
+      this.abort.signal.addEventListener("abort", onAbort);
+      let wait;
+      try {
+        const [path, params] = this.streamPath();
+        const query = new URLSearchParams(params).toString();
+        const extra = { Accept: "text/event-stream" };
+        if (this.lastEventId) extra["Last-Event-ID"] = this.lastEventId;
+        const headers = await this.fetchHeaders(extra);
+        let response;
+        try {
+          response = await this.fetch(
+            `${this.baseUrl}${path}${query ? `?${query}` : ""}`,
+            this.fetchInit(headers, controller.signal),
+          );
+        } catch (err) {
+          if (this.closed) return;
+          if (!proven) throw new Unusable(`fetch failed: ${err?.message ?? err}`);
+          this.setStatus("reconnecting");
+          wait = backoff(attempt++);
+          continue;
+        }
+        const type = response.headers.get("Content-Type") ?? "";
+        if (response.status === 200 && type.startsWith("text/event-stream") && response.body) {
+          proven = true;
+          attempt = 0;
+          refreshed = false;
+          this.setStatus("live");
+          retryMs = await this.readStream(response.body, controller, retryMs);
+          if (this.closed) return;
+          if (this.finishIfTerminalSeen()) return;
+          this.setStatus("reconnecting");
+          wait = jitter(retryMs);
+          continue;
+        }
+        if (response.status === 204) {
+          // The server says this stream has nothing more for us: we saw its end already.
+          if (this.finishIfTerminalSeen()) return;
+          throw new Unusable("204 without a terminal state");
+        }
+        if (response.status === 401 && typeof this.opts.getToken === "function" && !refreshed) {
+          refreshed = true; // one retry with a fresh token, right away
+          continue;
+        }
+        await this.raiseForFatal(response);
+        if (!proven) throw new Unusable(`stream answered ${response.status}`);
+        this.setStatus("reconnecting");
+        wait = retryAfterMs(response, backoff(attempt++));
+      } finally {
+        this.abort.signal.removeEventListener("abort", onAbort);
+        if (wait !== undefined) await sleep(wait, this.abort.signal);
+      }
+    }
+  }
+
+  async readStream(body, controller, retryMs) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let idle = null;
+    const arm = () => {
+      clearTimeout(idle);
+      // Heartbeats come at least every 45 s; silence for longer means a dead connection.
+      idle = setTimeout(() => controller.abort(), this.opts.idleTimeout);
+    };
+    const parser = new SSEParser(
+      (ev) => this.handle(ev.type, ev.data, ev.id),
+      (ms) => {
+        retryMs = ms;
+      },
+    );
+    arm();
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done || this.closed) break;
+        arm();
+        parser.push(decoder.decode(value, { stream: true }));
+      }
+    } catch {
+      // Network error or our own abort: the caller decides what comes next.
+    } finally {
+      clearTimeout(idle);
+      parser.end();
+      reader.cancel().catch(() => {});
+    }
+    return retryMs;
+  }
+
+  /** Throws TaskStreamError for answers that no retry can cure. */
+  async raiseForFatal(response, taskId = null) {
+    const { status } = response;
+    if (status !== 400 && status !== 401 && status !== 403 && !(taskId && status === 404)) return;
+    let message = `HTTP ${status}`;
+    try {
+      const body = await response.json();
+      if (body && typeof body.error === "string") message = body.error;
+    } catch {
+      // not JSON; keep the status line
+    }
+    const kind = status === 404 ? "not_found" : status === 400 ? "bad_request" : "auth";
+    throw new TaskStreamError(kind, message, { status, taskId });
+  }
+
+  /** Polling: long polling for one task, conditional GETs in rounds for several. */
+  async runPoll() {
+    if (typeof this.fetch !== "function") throw new Unusable("no fetch");
+    this.setStatus("polling");
+    const etags = new Map();
+    let attempt = 0;
+    let refreshed = false;
+    while (!this.closed && this.pending.size > 0) {
+      const ids = [...this.pending];
+      const long = ids.length === 1;
+      const started = Date.now();
+      let changed = false;
+      let trouble = null;
+      // Four at a time leaves the browser's other HTTP/1.1 connections to the page.
+      for (let i = 0; i < ids.length && !this.closed; i += 4) {
+        const results = await Promise.all(
+          ids.slice(i, i + 4).map((id) => this.pollOne(id, etags, long, !refreshed)),
+        );
+        for (const r of results) {
+          if (r.changed) changed = true;
+          if (r.trouble && !trouble) trouble = r.trouble;
+        }
+      }
+      if (this.closed) return;
+      if (trouble) {
+        if (trouble.status === 401 && typeof this.opts.getToken === "function" && !refreshed) {
+          refreshed = true;
+          continue;
+        }
+        this.setStatus("reconnecting");
+        await sleep(trouble.wait ?? backoff(attempt++), this.abort.signal);
+        continue;
+      }
+      attempt = 0;
+      refreshed = false;
+      this.setStatus("polling");
+      // Long polling returns early only on a change; anything faster without one means the
+      // server ignored `wait`, so pace the loop like plain polling.
+      const elapsed = Date.now() - started;
+      const minimum = long ? (changed ? 0 : 1000) : this.opts.pollInterval;
+      if (elapsed < minimum) await sleep(minimum - elapsed, this.abort.signal);
+    }
+  }
+
+  async pollOne(taskId, etags, long, mayRefresh) {
+    const params = new URLSearchParams();
+    if (long) {
+      params.set("wait", String(this.opts.pollWait));
+      params.set("after_version", String(this.versions.get(taskId) ?? 0));
+    }
+    const extra = { Accept: "application/json" };
+    const etag = etags.get(taskId);
+    if (etag && !long) extra["If-None-Match"] = etag;
+    let response;
+    try {
+      const headers = await this.fetchHeaders(extra);
+      const query = params.toString();
+      response = await this.fetch(
+        `${this.baseUrl}/api/v1/tasks/${encodeURIComponent(taskId)}${query ? `?${query}` : ""}`,
+        this.fetchInit(headers, this.abort.signal),
+      );
+    } catch (err) {
+      if (err instanceof TaskStreamError) throw err;
+      return { trouble: { status: 0 } };
+    }
+    if (response.status === 304) return { changed: false };
+    if (response.status === 200) {
+      let task;
+      try {
+        task = await response.json();
+      } catch {
+        return { trouble: { status: 200 } };
+      }
+      const tag = response.headers.get("ETag");
+      if (tag) etags.set(taskId, tag);
+      const before = this.versions.get(taskId);
+      this.onProgress({
+        task_id: taskId,
+        state: task.state,
+        progress: task.progress,
+        estimated_time: task.estimated_time ?? null,
+        updated_at: task.updated_at ?? null,
+        version: task.version,
+      });
+      if (isTerminal(task.state)) {
+        const done = { task_id: taskId, state: task.state };
+        if (task.state === "failed") done.error = task.error ?? null;
+        this.onComplete(done);
+      }
+      return { changed: this.versions.get(taskId) !== before };
+    }
+    if (response.status === 401 && mayRefresh && typeof this.opts.getToken === "function") {
+      return { trouble: { status: 401, wait: 0 } }; // once: retry with a fresh token
+    }
+    try {
+      await this.raiseForFatal(response, taskId);
+    } catch (err) {
+      // Not found ends one task of several; anything else (a refused token) ends the watch.
+      if (this.mode === "single" || err.kind !== "not_found") throw err;
+      this.onServerError({ task_id: taskId, error: err.message });
+      return { changed: true };
+    }
+    return { trouble: { status: response.status, wait: retryAfterMs(response, undefined) } };
+  }
+
+  handleObject() {
+    const watch = this;
+    return {
+      close: () => watch.close(),
+      get status() {
+        return watch.status;
+      },
+      get transport() {
+        return watch.transport;
+      },
+      get lastEventId() {
+        return watch.lastEventId;
+      },
+    };
+  }
+}
+
+/**
+ * Watch one task until it ends. Returns `{ close(), status, transport, lastEventId }`.
+ *
+ * Options: `token` or `getToken` (called before each new connection), `baseUrl` (default: this
+ * origin), `onProgress(progress)`, `onComplete({ task_id, state, error? })`,
+ * `onError(TaskStreamError)`, `onTimeout({ message })`, `onStatus(status, { transport })` with
+ * status "connecting" | "live" | "reconnecting" | "polling" | "closed". See taskstream.d.ts.
+ */
+export function watchTask(taskId, options) {
+  if (typeof taskId !== "string" || taskId === "") {
+    throw new TypeError("watchTask needs a task id");
+  }
+  return new Watch("single", [taskId], options).handleObject();
+}
+
+/**
+ * Watch several tasks over one connection (GET /api/v1/sse/tasks?ids=...). `onComplete` and
+ * `onError` are called per task (the error carries `taskId`); `onAllDone(results)` once every
+ * task has ended, and the connection is closed then.
+ */
+export function watchTasks(taskIds, options) {
+  const ids = [...new Set(taskIds)];
+  if (ids.length === 0 || ids.some((id) => typeof id !== "string" || id === "" || id.includes(","))) {
+    throw new TypeError("watchTasks needs a non-empty list of task ids without commas");
+  }
+  return new Watch("multi", ids, options).handleObject();
+}

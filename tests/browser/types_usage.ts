@@ -1,0 +1,56 @@
+// Compiled (never run) by tests/test_browser.py::test_type_declarations_compile with tsc --noEmit:
+// the shipped .d.ts files must describe the API the README documents. Each @ts-expect-error line
+// proves that a misuse is rejected.
+import {
+  isTerminal,
+  SSEParser,
+  TaskStreamError,
+  watchTask,
+  watchTasks,
+  type ConnectionStatus,
+  type TaskComplete,
+  type TaskProgress,
+  type WatchHandle,
+} from "../../server/static/taskstream.js";
+import { useTaskProgress, type TaskProgressState } from "../../server/static/react.js";
+
+const handle: WatchHandle = watchTask("task_abc123", {
+  getToken: async () => "token",
+  baseUrl: "http://localhost:8000",
+  onProgress: (p: TaskProgress) => console.log(p.state, p.progress.toFixed(1), p.estimated_time),
+  onComplete: (c: TaskComplete) => console.log(c.state === "failed" ? c.error : c.state),
+  onError: (e: TaskStreamError) => console.log(e.kind, e.status, e.message),
+  onTimeout: (t) => console.log(t.message),
+  onStatus: (s: ConnectionStatus, d) => console.log(s, d.transport),
+});
+handle.close();
+const status: ConnectionStatus | null = handle.status;
+
+watchTasks(["a", "b"], {
+  token: "token",
+  transports: ["fetch", "poll"],
+  onAllDone: (results) => {
+    for (const [id, r] of Object.entries(results)) {
+      console.log(id, r instanceof TaskStreamError ? r.kind : r.state);
+    }
+  },
+});
+
+// @ts-expect-error: the state is a string, the percentage a number
+watchTask("t", { token: "x", onProgress: (p) => p.progress.toUpperCase() });
+// @ts-expect-error: no such transport
+watchTask("t", { token: "x", transports: ["websocket"] });
+// @ts-expect-error: a task id is required
+watchTask(undefined, { token: "x" });
+
+if (isTerminal("success")) console.log("terminal");
+const parser = new SSEParser((ev) => console.log(ev.type, ev.data, ev.id), (ms) => console.log(ms));
+parser.push("data: x\n\n");
+parser.end();
+
+const state: TaskProgressState = useTaskProgress("task_abc123", () => "token", {
+  baseUrl: "http://localhost:8000",
+});
+const percent: number | undefined = state.progress?.progress;
+const done: boolean = state.isComplete;
+console.log(status, percent, done, state.error, state.errorKind, state.status, state.result?.state);
