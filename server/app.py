@@ -6,22 +6,25 @@ pool for queries and one :class:`~server.broker.Broker` holding the process's LI
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from quart import Quart, Response
+from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from server import db
+from server import db, metrics
 from server.auth import AuthError, TokenVerifier
 from server.broker import Broker
 from server.config import ConfigError, Settings
+from server.cors import apply_cors
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.sendtimeout import SendTimeoutMiddleware
+from server.snapshots import SnapshotReader
 
 __all__ = ["Runtime", "create_app", "resolve_secret"]
 
@@ -39,9 +42,15 @@ class Runtime:
     broker: Broker = field(init=False)
     draining: bool = False
     send_timeouts: int = 0
+    snapshots: SnapshotReader = field(init=False)
+    sampler: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.snapshots = SnapshotReader(lambda: self.pool)
 
     def count_send_timeout(self) -> None:
         self.send_timeouts += 1
+        metrics.STREAM_ERRORS.labels("send_timeout").inc()
 
     async def drain(self) -> None:
         """Graceful shutdown, step one: refuse new streams and ask open ones to close.
@@ -82,16 +91,22 @@ def create_app(settings: Settings | None = None) -> Quart:
     app = Quart("taskstream")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
+    # App-wide, so routes that other modules register later get the same CORS answers.
+    apply_cors(app, settings.cors_origins)
 
     from server import openapi
     from server.api import blueprint as api_blueprint
+    from server.ops import blueprint as ops_blueprint
+    from server.ops import sample_queue_usage
     from server.streams import blueprint as streams_blueprint
 
     app.register_blueprint(streams_blueprint)
     app.register_blueprint(api_blueprint)
-    app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
+    app.register_blueprint(ops_blueprint)
+    send_timeout = SendTimeoutMiddleware(
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
+    app.asgi_app = send_timeout  # type: ignore[method-assign]
 
     @app.before_serving
     async def _start() -> None:
@@ -109,10 +124,21 @@ def create_app(settings: Settings | None = None) -> Quart:
         except BaseException:
             await runtime.pool.close()
             raise
+        runtime.sampler = asyncio.create_task(
+            sample_queue_usage(runtime.pool, settings.metrics_sample_interval),
+            name="taskstream-queue-sampler",
+        )
         logger.info("taskstream ready (pid %d)", os.getpid())
 
     @app.after_serving
     async def _stop() -> None:
+        if runtime.sampler is not None:
+            runtime.sampler.cancel()
+            try:
+                await runtime.sampler
+            except asyncio.CancelledError:
+                pass
+        await send_timeout.close()
         await runtime.broker.stop()
         await runtime.pool.close()
 
@@ -125,6 +151,8 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.errorhandler(AuthError)
     async def _auth_error(exc: AuthError) -> Response:
+        if request.path.startswith("/api/v1/sse/"):
+            metrics.STREAM_ERRORS.labels("auth").inc()
         return json_error(401, exc.message, WWW_Authenticate=exc.challenge)
 
     @app.errorhandler(HTTPException)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from server import db
+from server import db, metrics
 from server.events import TaskState
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "ListenerSelfCheckFailed",
     "StreamLimitExceeded",
     "Subscription",
+    "is_new_for_owner_stream",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class Subscription:
     __slots__ = (
         "closing",
         "conflated",
+        "created_after",
         "owner_id",
         "pending",
         "sent",
@@ -84,6 +88,8 @@ class Subscription:
         self.wakeup = asyncio.Event()
         self.conflated = 0
         self.closing: str | None = None
+        # Owner-wide streams: tasks created before this instant join only via the snapshot.
+        self.created_after: datetime | None = None
 
     def offer(self, state: TaskState) -> None:
         if not state.deleted and state.version <= self.sent.get(state.id, 0):
@@ -95,6 +101,7 @@ class Subscription:
             if not state.deleted and state.version <= current.version:
                 return  # the same state from NOTIFY and from resync, or an older one
             self.conflated += 1
+            metrics.EVENTS_CONFLATED.inc()
         self.pending[state.id] = state
         self.wakeup.set()
 
@@ -123,6 +130,18 @@ class Subscription:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""
         self.closing = reason
         self.wakeup.set()
+
+
+def is_new_for_owner_stream(state: TaskState, cutoff: datetime | None) -> bool:
+    """Whether a task first seen by an owner-wide stream is new (created after its snapshot)."""
+    if state.deleted or state.created_at is None:
+        return False
+    if cutoff is None:
+        return True  # the snapshot is still being read: keep it, the stream dedups by version
+    try:
+        return datetime.fromisoformat(state.created_at) > cutoff
+    except ValueError:
+        return True
 
 
 class Broker:
@@ -154,7 +173,8 @@ class Broker:
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self.connected = asyncio.Event()
+        # Mirrored into the taskstream_listener_connected gauge wherever it is set or cleared.
+        self.connected: asyncio.Event = metrics.GaugedEvent(metrics.LISTENER_CONNECTED)
         # Counters read by tests and by the metrics module.
         self.notifications = 0
         self.reconnects = 0
@@ -196,6 +216,14 @@ class Broker:
         sub.task_ids.add(task_id)
         self._by_task.setdefault(task_id, set()).add(sub)
 
+    def unwatch(self, sub: Subscription, task_id: str) -> None:
+        sub.task_ids.discard(task_id)
+        subs = self._by_task.get(task_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_task[task_id]
+
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove a mailbox. Idempotent, so every exit path may call it."""
         if sub not in self._all:
@@ -206,12 +234,8 @@ class Broker:
             self._per_user[sub.user_id] = left
         else:
             self._per_user.pop(sub.user_id, None)
-        for tid in sub.task_ids:
-            subs = self._by_task.get(tid)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._by_task[tid]
+        for tid in list(sub.task_ids):
+            self.unwatch(sub, tid)
         if sub.owner_id is not None:
             owners = self._by_owner.get(sub.owner_id)
             if owners is not None:
@@ -228,7 +252,9 @@ class Broker:
         owners = self._by_owner.get(state.owner_id)
         if owners:
             for sub in owners:
-                if state.id not in sub.task_ids:
+                if state.id not in sub.task_ids and is_new_for_owner_stream(
+                    state, sub.created_after
+                ):
                     self.watch(sub, state.id)
                     sub.offer(state)
         for listener in self.listeners:
@@ -238,6 +264,7 @@ class Broker:
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
+        metrics.NOTIFICATIONS.inc()
         try:
             state = TaskState.from_notification(payload)
         except (ValueError, KeyError, TypeError):
@@ -343,7 +370,11 @@ class Broker:
             await self._recover()
 
     async def _recover(self) -> None:
-        logger.warning("LISTEN connection lost; polling subscribed tasks until it is back")
+        logger.warning(
+            "LISTEN connection lost; polling subscribed tasks until it is back",
+            extra={"event": "listener_lost"},
+        )
+        lost_at = time.monotonic()
         self.connected.clear()
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -367,8 +398,16 @@ class Broker:
             except asyncio.CancelledError:
                 pass
         self.reconnects += 1
+        metrics.LISTENER_RECONNECTS.inc()
         await self.resync()
-        logger.warning("LISTEN connection restored (reconnect #%d); resynced", self.reconnects)
+        logger.warning(
+            "LISTEN connection restored (reconnect #%d); resynced",
+            self.reconnects,
+            extra={
+                "event": "listener_restored",
+                "down_s": round(time.monotonic() - lost_at, 3),
+            },
+        )
 
     async def resync(self) -> None:
         """Read every subscribed task in one query and hand over whatever moved (or vanished)."""

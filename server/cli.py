@@ -13,8 +13,10 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event as MPEvent
 from typing import Any
@@ -28,12 +30,24 @@ logger = logging.getLogger("server.cli")
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
+    from server.logs import setup_logging
+
+    setup_logging(level)
+
+
+def _metrics_multiprocess_dir(workers: int) -> str | None:
+    """With several workers, give prometheus-client a shared directory (see server/metrics.py).
+
+    Returns the directory this command created, to remove at exit; None when there is nothing
+    to clean up (one worker, or a directory the operator chose with PROMETHEUS_MULTIPROC_DIR).
+    Set before anything imports prometheus_client: it picks its storage at import time.
+    """
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = tempfile.mkdtemp(prefix="taskstream-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    logger.info("metrics of %d workers merged through %s", workers, path)
+    return path
 
 
 def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
@@ -74,8 +88,15 @@ def _hypercorn_config(args: argparse.Namespace, settings: Settings) -> Any:
     # Streams get SHUTDOWN_GRACE to say goodbye; Hypercorn waits a little longer than that.
     config.graceful_timeout = settings.shutdown_grace + 1.0
     config.keep_alive_timeout = 75
+    # Hypercorn's default backlog (100) overflows in a reconnect storm and costs clients 1-3 s
+    # SYN retries; the kernel caps it at net.core.somaxconn anyway.
+    config.backlog = 4096
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    # A structured access log built from the path only: never the query string or headers.
+    from server.logs import AccessLogger
+
+    config.logger_class = AccessLogger
     if args.certfile:
         config.certfile = args.certfile
         config.keyfile = args.keyfile
@@ -134,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     sockets = config.create_sockets()
     all_sockets = sockets.secure_sockets + sockets.insecure_sockets
     embedded = None
+    metrics_dir = _metrics_multiprocess_dir(args.workers)
     try:
         settings, embedded = _resolve_environment(settings)
         assert settings.database_url is not None
@@ -146,10 +168,16 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             _run_workers(config, sockets)
     finally:
+        # We are stopping already: a second Ctrl-C or SIGTERM must not cut the clean-up short
+        # and leave the embedded PostgreSQL running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for sock in all_sockets:
             sock.close()
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("taskstream stopped")
     return 0
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import platformdirs
 
+from server.cors import parse_origins
+
 __all__ = ["ConfigError", "Settings"]
 
 
@@ -56,6 +58,13 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _origins(env: dict[str, str], name: str) -> tuple[str, ...]:
+    try:
+        return parse_origins(env.get(name, ""))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def default_data_dir() -> Path:
     """Per-user data directory for the embedded PostgreSQL and the generated secret."""
     return Path(platformdirs.user_data_dir("taskstream", appauthor=False))
@@ -79,6 +88,8 @@ class Settings:
     listener_check_interval: float = 5.0
     error_max_chars: int = 1000
     log_level: str = "INFO"
+    cors_origins: tuple[str, ...] = ()
+    metrics_sample_interval: float = 10.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -106,4 +117,6 @@ class Settings:
             max_streams_per_user=_int(e, "TASKSTREAM_MAX_STREAMS_PER_USER", 100, minimum=1),
             listener_check_interval=_float(e, "TASKSTREAM_LISTENER_CHECK", 5.0, minimum=0.05),
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
+            cors_origins=_origins(e, "TASKSTREAM_CORS_ORIGINS"),
+            metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
         )

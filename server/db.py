@@ -139,14 +139,19 @@ async def fetch_task(pool: asyncpg.Pool, task_id: str) -> TaskState | None:
     return None if row is None else _row_to_state(row)
 
 
-async def fetch_open_tasks(pool: asyncpg.Pool, owner_id: str) -> dict[str, TaskState]:
-    """Every non-terminal task of one owner, oldest first (the owner-wide stream's start)."""
-    rows = await pool.fetch(
-        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE owner_id = $1"
-        " AND state NOT IN ('success', 'failed', 'cancelled') ORDER BY created_at, id",
-        owner_id,
-    )
-    return {r["id"]: _row_to_state(r) for r in rows}
+async def fetch_open_tasks(
+    pool: asyncpg.Pool, owner_id: str
+) -> tuple[dict[str, TaskState], datetime]:
+    """Every non-terminal task of one owner, oldest first, and the database time of the read
+    (tasks created before it that were not open then are not part of an owner-wide stream)."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        rows = await conn.fetch(
+            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE owner_id = $1"
+            " AND state NOT IN ('success', 'failed', 'cancelled') ORDER BY created_at, id",
+            owner_id,
+        )
+        now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return {r["id"]: _row_to_state(r) for r in rows}, now
 
 
 async def fetch_tasks(

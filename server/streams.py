@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 import asyncpg
 from quart import Blueprint, Response, request
 
-from server import db, events, sse
+from server import db, events, metrics, sse
 from server.auth import Principal
-from server.broker import StreamLimitExceeded, Subscription
+from server.broker import StreamLimitExceeded, Subscription, is_new_for_owner_stream
 from server.events import TaskState
 from server.http import authenticate, json_error, runtime
+from server.observe import observe_push, observed
 
 if TYPE_CHECKING:
     from server.app import Runtime
@@ -84,16 +85,29 @@ def _parse_version(raw: str | None) -> int | None:
 
 
 def _stream_response(body: AsyncIterator[bytes]) -> Response:
-    response = Response(body, status=200, headers=SSE_HEADERS)
+    # observed(): stream metrics and open/close logs (server/observe.py).
+    response = Response(observed(body, path=request.path), status=200, headers=SSE_HEADERS)
     response.timeout = None  # a stream lives until it ends, not until Quart's response timeout
     return response
 
 
 def _no_content() -> Response:
+    """The answer to a reconnect after the stream ended for good: it must stop the client.
+
+    204 is the SSE standard's signal, and native EventSource and Node's ``eventsource`` stop on
+    it. event-source-polyfill (1.0.31) does not: with its fetch transport (every current browser,
+    and Node) a 204 has no body, ``response.body.getReader()`` throws, and the polyfill treats
+    that as a network error and reconnects, with back-off, forever. It stops on any other
+    non-200 status that has a body, and it is the client that resumes with the ``lastEventId``
+    query parameter, so that reconnect gets ``410 Gone`` with the usual JSON error body.
+    """
+    if "Last-Event-ID" not in request.headers and "lastEventId" in request.args:
+        return json_error(410, "Stream ended", "this stream has ended for good; do not reconnect")
     return Response("", status=204)
 
 
 def _unavailable() -> Response:
+    metrics.STREAM_ERRORS.labels("unavailable").inc()
     return json_error(503, "Database unavailable", Retry_After="2")
 
 
@@ -109,6 +123,7 @@ def _open_subscription(
             principal.user_id, task_ids, owner_id=principal.user_id if owner_wide else None
         )
     except StreamLimitExceeded as exc:
+        metrics.STREAM_ERRORS.labels("limit").inc()
         return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
     # Whatever happens next (a disconnect before the body starts included), the end of the
     # request task releases the mailbox; unsubscribe() is idempotent, so other paths may too.
@@ -177,7 +192,7 @@ async def task_progress(task_id: str) -> Response:
         return opened
     sub = opened
     try:
-        snapshot = await db.fetch_task(rt.pool, task_id)
+        snapshot = await rt.snapshots.get(task_id)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
         rt.broker.unsubscribe(sub)
         return _unavailable()
@@ -233,9 +248,14 @@ async def tasks_stream() -> Response:
     sub = opened
     try:
         if owner_wide:
-            rows = await db.fetch_open_tasks(rt.pool, principal.user_id)
+            rows, sub.created_after = await db.fetch_open_tasks(rt.pool, principal.user_id)
             for tid in rows:
                 rt.broker.watch(sub, tid)
+            # Drop what arrived for tasks that existed but were not open at the snapshot.
+            for tid in [t for t in sub.pending if t not in rows]:
+                if not is_new_for_owner_stream(sub.pending[tid], sub.created_after):
+                    del sub.pending[tid]
+                    rt.broker.unwatch(sub, tid)
         else:
             rows = await db.fetch_tasks(rt.pool, ids)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
@@ -293,18 +313,23 @@ async def _run(stream: _Stream) -> AsyncIterator[bytes]:
     deadline = now + settings.stream_timeout
     # The token's own end, mapped onto the loop clock (leeway as accepted at verification).
     token_deadline = now + (stream.principal.expires_at + rt.verifier.leeway - time.time())
-    next_beat = now + settings.heartbeat
+    # Streams opened together (a reconnect storm) would otherwise beat in lockstep.
+    next_beat = now + settings.heartbeat * random.uniform(0.5, 1.0)
     try:
-        yield _retry_field(settings.retry_ms)
-        for chunk in stream.preamble:
-            yield chunk
+        # Everything ready at once goes out as one write: each write costs a trip through
+        # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
+        yield b"".join([_retry_field(settings.retry_ms), *stream.preamble])
         while not stream.done:
             if sub.pending:
+                chunks: list[bytes] = []
+                pushed: list[TaskState] = []
                 for state in sub.take():
-                    if state.id not in stream.open_ids and not stream.owner_wide:
-                        continue
-                    for chunk in stream.finish(state):
-                        yield chunk
+                    if state.id in stream.open_ids or stream.owner_wide:
+                        chunks.extend(stream.finish(state))
+                        pushed.append(state)
+                if chunks:
+                    yield b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                    observe_push(pushed)  # after the write: commit -> socket
                 continue
             if sub.closing is not None:
                 yield _retry_field(settings.retry_ms)

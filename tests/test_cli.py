@@ -46,8 +46,8 @@ class ServeProcess:
 
         await asyncio.wait_for(read(), timeout)
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.returncode is None:
+    async def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.returncode is None and sig is not None:
             self.proc.send_signal(sig)
         out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
         self.output.append(out.decode())
@@ -192,3 +192,22 @@ async def test_unreachable_database_is_a_clear_error() -> None:
     )
     assert r.returncode == 1
     assert "cannot reach PostgreSQL" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    """A non-editable install must find sql/ inside the package, outside the checkout."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(root)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("taskstream-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(n for n in names if n.startswith("server/sql/"))
+    expected = sorted(f"server/sql/{p.name}" for p in (root / "sql").glob("*.sql"))
+    assert shipped == expected and expected
+    assert "server/py.typed" in names

@@ -1,0 +1,77 @@
+"""Operations endpoints: ``/readyz`` and ``/metrics``, and the periodic NOTIFY-queue sample.
+
+``/healthz`` (in :mod:`server.app`) says the process is alive; ``/readyz`` says it can do its job:
+a load balancer or Kubernetes should send streams only to an instance whose database answers and
+whose LISTEN connection is up, because a stream opened elsewhere would get its snapshot and then
+nothing until the listener is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+import asyncpg
+from quart import Blueprint, Response
+
+from server import db, metrics
+from server.http import runtime
+
+if TYPE_CHECKING:
+    from server.app import Runtime
+
+__all__ = ["blueprint", "sample_queue_usage"]
+
+logger = logging.getLogger(__name__)
+
+blueprint = Blueprint("ops", __name__)
+
+READY_DB_TIMEOUT = 2.0
+
+
+@blueprint.get("/readyz")
+async def readyz() -> Response:
+    rt: Runtime = runtime()
+    reasons: list[str] = []
+    if rt.draining:
+        reasons.append("shutting down")
+    if not rt.broker.connected.is_set():
+        reasons.append("LISTEN connection is down")
+    try:
+        await asyncio.wait_for(rt.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
+    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
+        reasons.append("database does not answer")
+    if reasons:
+        body = {"status": "unavailable", "reasons": reasons}
+        response = Response(_json(body), status=503, content_type="application/json")
+        response.headers["Retry-After"] = "2"
+        return response
+    return Response(_json({"status": "ready"}), status=200, content_type="application/json")
+
+
+def _json(body: object) -> str:
+    return json.dumps(body)
+
+
+@blueprint.get("/metrics")
+async def prometheus_metrics() -> Response:
+    return Response(metrics.render(), status=200, content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+async def sample_queue_usage(pool: asyncpg.Pool, interval: float) -> None:
+    """Every ``interval`` seconds, read ``pg_notification_queue_usage()`` into its gauge.
+
+    A queue that fills up means some LISTEN session is not reading (often one stuck in a long
+    transaction); at 100 % every NOTIFY, and so every task update, fails at commit.
+    """
+    while True:
+        try:
+            usage = await asyncio.wait_for(
+                pool.fetchval("SELECT pg_notification_queue_usage()"), interval
+            )
+            metrics.NOTIFY_QUEUE_USAGE.set(float(usage))
+        except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            logger.debug("notification queue sample failed: %s", type(exc).__name__)
+        await asyncio.sleep(interval)
