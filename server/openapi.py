@@ -77,6 +77,13 @@ class Health(BaseModel):
     status: str = Field(examples=["ok"])
 
 
+class Readiness(BaseModel):
+    """Whether this instance can serve streams: database answering, LISTEN connection up."""
+
+    status: str = Field(examples=["ready", "unavailable"])
+    reasons: list[str] | None = Field(default=None, description="Why not (only when unavailable).")
+
+
 # -- SSE event data -------------------------------------------------------------------------
 
 
@@ -132,6 +139,8 @@ class ResponseSpec:
     headers: dict[str, str] = field(default_factory=dict)
     sse: dict[str, type[BaseModel]] | None = None
     sse_notes: str = ""
+    # A non-JSON body: (content type, description of it).
+    text: tuple[str, str] | None = None
 
 
 @dataclass
@@ -157,15 +166,19 @@ def responds(
     model: type[BaseModel] | None = None,
     *,
     headers: dict[str, str] | None = None,
+    text: tuple[str, str] | None = None,
 ) -> Callable[[F], F]:
     """Document one response. Errors (4xx/5xx) default to :class:`ErrorBody`, 422 to
-    :class:`ValidationErrorBody`; 204 and 304 have no body."""
+    :class:`ValidationErrorBody`; 204 and 304 have no body. ``text`` is a non-JSON body:
+    ``(content type, what it holds)``."""
 
-    if model is None and status >= 400:
+    if model is None and text is None and status >= 400:
         model = ValidationErrorBody if status == 422 else ErrorBody
 
     def decorator(func: F) -> F:
-        _doc(func).responses[status] = ResponseSpec(description, model, dict(headers or {}))
+        _doc(func).responses[status] = ResponseSpec(
+            description, model, dict(headers or {}), text=text
+        )
         return func
 
     return decorator
@@ -270,6 +283,9 @@ class TaskstreamOpenAPIProvider(OpenAPIProvider):
             obj["content"] = {
                 "application/json": {"schema": self._schema_ref(spec.model, components)}
             }
+        if spec.text is not None:
+            ctype, what = spec.text
+            obj["content"] = {ctype: {"schema": {"type": "string", "description": what}}}
         if spec.sse is not None:
             events = {
                 name: {
@@ -326,7 +342,13 @@ _STREAM_COMMON = (
 def _describe_streams(app: Quart) -> None:
     # These view functions are module globals shared by every app built in this process:
     # start from a clean annotation each time so nothing accumulates.
-    for endpoint in ("streams.task_progress", "streams.tasks_stream", "healthz"):
+    for endpoint in (
+        "streams.task_progress",
+        "streams.tasks_stream",
+        "healthz",
+        "ops.readyz",
+        "ops.prometheus_metrics",
+    ):
         func = app.view_functions.get(endpoint)
         if func is not None:
             setattr(func, DOC_ATTR, RouteDoc())
@@ -381,6 +403,29 @@ def _describe_streams(app: Quart) -> None:
         summarize("Liveness check.", "Answers while the process serves.")(health)
         responds(200, "Alive.", Health)(health)
         security()(health)
+    ready = app.view_functions.get("ops.readyz")
+    if ready is not None:
+        summarize(
+            "Readiness check.",
+            "200 when the database answers and the LISTEN connection is up, so this instance "
+            "can serve streams; 503 otherwise (or while shutting down).",
+        )(ready)
+        responds(200, "Ready.", Readiness)(ready)
+        responds(503, "Not ready; `reasons` says why.", Readiness, headers={"Retry-After": "2"})(
+            ready
+        )
+        security()(ready)
+    prom = app.view_functions.get("ops.prometheus_metrics")
+    if prom is not None:
+        summarize("Prometheus metrics.", "This process's metrics in the Prometheus text format.")(
+            prom
+        )
+        responds(
+            200,
+            "The metrics.",
+            text=("text/plain", "Prometheus text exposition format 0.0.4."),
+        )(prom)
+        security()(prom)
 
 
 # -- validation errors -> 422 ----------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,8 +314,11 @@ async def test_database_unreachable_exits_2() -> None:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path
+def data_dir() -> Iterator[Path]:
+    # Not under pytest's basetemp: as root, the embedded PostgreSQL runs as the `pgserver` user,
+    # which must be able to reach the directory (pytest's are private to root).
+    with tempfile.TemporaryDirectory(prefix="taskstream-test-data-") as tmp:
+        yield Path(tmp)
 
 
 async def test_create_with_the_embedded_database(data_dir: Path) -> None:
