@@ -16,7 +16,7 @@ from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 from server import db
-from server.auth import AuthError, TokenVerifier
+from server.auth import AuthError, TokenVerifier, verifier_from_settings
 from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.embedded import load_or_create_secret
@@ -54,15 +54,20 @@ class Runtime:
             sub.close("shutdown")
 
 
-def resolve_secret(settings: Settings, *, embedded: bool) -> str:
-    """The JWT signing secret: configured, or (embedded mode only) generated once and kept."""
+def resolve_secret(settings: Settings, *, embedded: bool) -> str | None:
+    """The JWT signing secret: configured, or (embedded mode only) generated once and kept.
+
+    None when there is no secret but a public key or JWKS URL verifies tokens instead.
+    """
     if settings.jwt_secret:
         return settings.jwt_secret
     if embedded:
         return load_or_create_secret(settings.data_dir)
+    if settings.jwt_public_key or settings.jwks_url:
+        return None
     raise ConfigError(
-        "TASKSTREAM_JWT_SECRET is not set. It is required when DATABASE_URL is set; "
-        "taskstream never falls back to a built-in key."
+        "TASKSTREAM_JWT_SECRET is not set. With DATABASE_URL, set it, TASKSTREAM_JWT_PUBLIC_KEY or "
+        "TASKSTREAM_JWKS_URL; taskstream never falls back to a built-in key."
     )
 
 
@@ -76,7 +81,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     runtime = Runtime(
         settings=settings,
         dsn=settings.database_url,
-        verifier=TokenVerifier(resolve_secret(settings, embedded=False)),
+        verifier=verifier_from_settings(settings, resolve_secret(settings, embedded=False)),
     )
 
     app = Quart("taskstream")
@@ -86,12 +91,16 @@ def create_app(settings: Settings | None = None) -> Quart:
     from server.streams import blueprint as streams_blueprint
 
     app.register_blueprint(streams_blueprint)
+    from server.tickets_api import blueprint as tickets_blueprint
+
+    app.register_blueprint(tickets_blueprint)
     app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
 
     @app.before_serving
     async def _start() -> None:
+        await runtime.verifier.start()  # prefetch the JWKS, if any
         runtime.pool = await db.create_pool(runtime.dsn)
         runtime.broker = Broker(
             runtime.dsn,
@@ -105,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Quart:
             await runtime.broker.start()
         except BaseException:
             await runtime.pool.close()
+            await runtime.verifier.aclose()
             raise
         logger.info("taskstream ready (pid %d)", os.getpid())
 
@@ -112,6 +122,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def _stop() -> None:
         await runtime.broker.stop()
         await runtime.pool.close()
+        await runtime.verifier.aclose()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -119,7 +130,7 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.errorhandler(AuthError)
     async def _auth_error(exc: AuthError) -> Response:
-        return json_error(401, exc.message, WWW_Authenticate=exc.challenge)
+        return json_error(exc.status, exc.message, WWW_Authenticate=exc.challenge)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:

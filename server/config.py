@@ -56,6 +56,11 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated setting, blanks dropped."""
+    return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
 def default_data_dir() -> Path:
     """Per-user data directory for the embedded PostgreSQL and the generated secret."""
     return Path(platformdirs.user_data_dir("taskstream", appauthor=False))
@@ -79,6 +84,17 @@ class Settings:
     listener_check_interval: float = 5.0
     error_max_chars: int = 1000
     log_level: str = "INFO"
+    # Authentication (see README "Security").
+    jwt_public_key: Path | None = None
+    jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: tuple[str, ...] = ()
+    jwt_leeway: int = 30
+    jwt_user_claim: str = "sub"
+    jwt_cookie: str | None = None
+    allow_query_token: bool = True
+    ticket_ttl: int = 60
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -106,4 +122,16 @@ class Settings:
             max_streams_per_user=_int(e, "TASKSTREAM_MAX_STREAMS_PER_USER", 100, minimum=1),
             listener_check_interval=_float(e, "TASKSTREAM_LISTENER_CHECK", 5.0, minimum=0.05),
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
+            jwt_public_key=Path(e["TASKSTREAM_JWT_PUBLIC_KEY"]).expanduser()
+            if e.get("TASKSTREAM_JWT_PUBLIC_KEY")
+            else None,
+            jwks_url=e.get("TASKSTREAM_JWKS_URL") or None,
+            jwt_algorithms=_list(e, "TASKSTREAM_JWT_ALGORITHMS") or None,
+            jwt_issuer=e.get("TASKSTREAM_JWT_ISSUER") or None,
+            jwt_audience=_list(e, "TASKSTREAM_JWT_AUDIENCE"),
+            jwt_leeway=_int(e, "TASKSTREAM_JWT_LEEWAY", 30, minimum=0),
+            jwt_user_claim=e.get("TASKSTREAM_JWT_USER_CLAIM") or "sub",
+            jwt_cookie=e.get("TASKSTREAM_JWT_COOKIE") or None,
+            allow_query_token=_bool(e, "TASKSTREAM_ALLOW_QUERY_TOKEN", True),
+            ticket_ttl=_int(e, "TASKSTREAM_TICKET_TTL", 60, minimum=1),
         )
