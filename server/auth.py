@@ -27,7 +27,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from joserfc import jwt
-from joserfc.errors import JoseError, UnsupportedAlgorithmError
+from joserfc.errors import (
+    BadSignatureError,
+    ExpiredTokenError,
+    InvalidClaimError,
+    InvalidKeyCurveError,
+    InvalidKeyTypeError,
+    JoseError,
+    MissingClaimError,
+    UnsupportedAlgorithmError,
+)
 from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
 from joserfc.jws import JWSRegistry
 
@@ -331,18 +340,18 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
 
 
 def _describe(exc: JoseError) -> str:
-    name = type(exc).__name__
-    if name == "ExpiredTokenError":
+    if isinstance(exc, ExpiredTokenError):
         return "Token expired"
-    if name == "InvalidClaimError" and "nbf" in str(exc):
-        return "Token not yet valid"
-    if name == "InvalidClaimError" and "iss" in str(exc):
-        return "Token issuer not accepted"
-    if name == "InvalidClaimError" and "aud" in str(exc):
-        return "Token audience not accepted"
-    if name == "MissingClaimError":
+    if isinstance(exc, MissingClaimError):
         return "Token is missing a required claim"
-    if name in ("BadSignatureError", "InvalidKeyTypeError", "InvalidKeyCurveError"):
+    if isinstance(exc, InvalidClaimError):
+        return {
+            "nbf": "Token not yet valid",
+            "iat": "Token issued in the future",
+            "iss": "Token issuer not accepted",
+            "aud": "Token audience not accepted",
+        }.get(exc.claim, "Invalid token")
+    if isinstance(exc, BadSignatureError | InvalidKeyTypeError | InvalidKeyCurveError):
         return "Invalid token signature"
     return "Invalid token"
 
