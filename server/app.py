@@ -21,6 +21,7 @@ from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.embedded import load_or_create_secret
 from server.http import json_error
+from server.inputguard import Utf8GuardMiddleware
 from server.sendtimeout import SendTimeoutMiddleware
 
 __all__ = ["Runtime", "create_app", "resolve_secret"]
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.asgi_app = SendTimeoutMiddleware(  # type: ignore[method-assign]
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
+    app.asgi_app = Utf8GuardMiddleware(app.asgi_app)  # type: ignore[method-assign]
 
     @app.before_serving
     async def _start() -> None:
