@@ -74,6 +74,9 @@ def _hypercorn_config(args: argparse.Namespace, settings: Settings) -> Any:
     # Streams get SHUTDOWN_GRACE to say goodbye; Hypercorn waits a little longer than that.
     config.graceful_timeout = settings.shutdown_grace + 1.0
     config.keep_alive_timeout = 75
+    # Hypercorn's default backlog (100) overflows in a reconnect storm and costs clients 1-3 s
+    # SYN retries; the kernel caps it at net.core.somaxconn anyway.
+    config.backlog = 4096
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     if args.certfile:
@@ -146,6 +149,10 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             _run_workers(config, sockets)
     finally:
+        # We are stopping already: a second Ctrl-C or SIGTERM must not cut the clean-up short
+        # and leave the embedded PostgreSQL running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for sock in all_sockets:
             sock.close()
         if embedded is not None:

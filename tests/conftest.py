@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,13 +70,18 @@ class LiveServer:
 
 
 @contextlib.asynccontextmanager
-async def run_server(settings: Settings) -> AsyncIterator[LiveServer]:
+async def run_server(settings: Settings, *, sndbuf: int | None = None) -> AsyncIterator[LiveServer]:
     app = create_app(settings)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 2
     config.accesslog = None
     sockets = config.create_sockets()
+    if sndbuf is not None:
+        # Accepted sockets inherit the listener's send buffer: a tiny one makes a client that
+        # stops reading push back on the server quickly (instead of after megabytes).
+        for s in sockets.insecure_sockets:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     port = sockets.insecure_sockets[0].getsockname()[1]
     stop = asyncio.Event()
 
@@ -123,7 +129,7 @@ async def run_server(settings: Settings) -> AsyncIterator[LiveServer]:
             s.close()
 
 
-def test_settings(database_url: str, **overrides: Any) -> Settings:
+def make_settings(database_url: str, **overrides: Any) -> Settings:
     base = Settings(
         database_url=database_url,
         jwt_secret=SECRET,
@@ -145,7 +151,7 @@ def settings_overrides() -> dict[str, Any]:
 async def server(
     database_url: str, settings_overrides: dict[str, Any]
 ) -> AsyncIterator[LiveServer]:
-    async with run_server(test_settings(database_url, **settings_overrides)) as live:
+    async with run_server(make_settings(database_url, **settings_overrides)) as live:
         yield live
         # Every stream a test opened must be gone once its client is gone.
         for _ in range(50):

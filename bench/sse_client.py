@@ -1,0 +1,316 @@
+"""A lean SSE client: one asyncio Protocol per stream, HTTP/1.1 and SSE parsed by hand.
+
+All streams of one load-generator process share one :class:`Tally`, so a received
+event costs a few slices and two appends, not an object per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+from collections.abc import Callable
+
+__all__ = ["SSEStream", "Tally", "build_request"]
+
+TERMINAL_EVENT = b"complete"
+
+
+def build_request(host: str, port: int, task_id: str, token: str) -> bytes:
+    """The exact bytes of one authenticated stream request."""
+    return (
+        f"GET /api/v1/sse/tasks/{task_id}/progress HTTP/1.1\r\n"
+        f"Host: {host}:{port}\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        "Accept: text/event-stream\r\n"
+        "Cache-Control: no-cache\r\n"
+        "\r\n"
+    ).encode()
+
+
+class Tally:
+    """Counters and samples shared by every stream of one process."""
+
+    __slots__ = (
+        "started",
+        "ready",
+        "failed",
+        "closed",
+        "completed",
+        "bad_terminal",
+        "lost",
+        "error_events",
+        "timeouts",
+        "updates",
+        "out_of_order",
+        "heartbeats",
+        "recv",
+        "stamps",
+        "connect_lat",
+        "first_start",
+        "last_ready",
+        "status_codes",
+        "waiters",
+    )
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.ready = 0
+        self.failed = 0
+        self.closed = 0
+        self.completed = 0
+        self.bad_terminal = 0
+        self.lost = 0
+        self.error_events = 0
+        self.timeouts = 0
+        self.updates = 0
+        self.out_of_order = 0
+        self.heartbeats = 0
+        self.recv = array("d")
+        self.stamps: list[bytes] = []
+        self.connect_lat = array("d")
+        self.first_start = 0.0
+        self.last_ready = 0.0
+        self.status_codes: dict[int, int] = {}
+        # (predicate, future) pairs woken when a counter moves.
+        self.waiters: list[tuple[Callable[[Tally], bool], asyncio.Future[None]]] = []
+
+    def poke(self) -> None:
+        if not self.waiters:
+            return
+        keep = []
+        for pred, fut in self.waiters:
+            if fut.done():
+                continue
+            if pred(self):
+                fut.set_result(None)
+            else:
+                keep.append((pred, fut))
+        self.waiters = keep
+
+    async def wait_for(self, pred: Callable[[Tally], bool], limit: float) -> bool:
+        if pred(self):
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append((pred, fut))
+        try:
+            await asyncio.wait_for(fut, limit)
+        except TimeoutError:
+            return pred(self)
+        return True
+
+
+def _field(data: bytes, key: bytes) -> bytes | None:
+    """The string value of ``key`` in a flat JSON object, without decoding all of it."""
+    i = data.find(key)
+    if i < 0:
+        return None
+    k = data.find(b'"', i + len(key))
+    if k < 0:
+        return None
+    e = data.find(b'"', k + 1)
+    return data[k + 1 : e] if e > 0 else None
+
+
+class SSEStream(asyncio.Protocol):
+    """One SSE stream; the first ``progress`` event counts as connected."""
+
+    __slots__ = (
+        "tally",
+        "request",
+        "expect_state",
+        "transport",
+        "head",
+        "status",
+        "chunked",
+        "cbuf",
+        "need",
+        "crlf",
+        "sbuf",
+        "seen",
+        "last_version",
+        "done",
+        "t_start",
+        "gate",
+    )
+
+    def __init__(self, tally: Tally, request: bytes, expect_state: bytes) -> None:
+        self.tally = tally
+        self.request = request
+        self.expect_state = expect_state
+        self.transport: asyncio.Transport | None = None
+        self.head = bytearray()
+        self.status = 0
+        self.chunked = False
+        self.cbuf = bytearray()
+        self.need = 0
+        self.crlf = False
+        self.sbuf = bytearray()
+        self.seen = 0
+        self.last_version = -1
+        self.done = False
+        self.t_start = 0.0
+        # Resolved at the first event or at close: lets the opener bound connects in flight.
+        self.gate: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they quack like one.
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.status == 0:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.head[:end]).lower()
+            rest = bytes(self.head[end + 4 :])
+            self.head = bytearray()
+            try:
+                self.status = int(head[9:12])
+            except ValueError:
+                self.status = 999
+            codes = self.tally.status_codes
+            codes[self.status] = codes.get(self.status, 0) + 1
+            if self.status != 200:
+                self._fail()
+                return
+            self.chunked = b"transfer-encoding: chunked" in head
+            if not rest:
+                return
+            data = rest
+        if self.chunked:
+            self._dechunk(data)
+        else:
+            self._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        t = self.tally
+        t.closed += 1
+        if not self.done:
+            self.done = True
+            if self.seen:
+                t.lost += 1
+            else:
+                t.failed += 1
+        self._open_gate()
+        t.poke()
+
+    # -- internals ---------------------------------------------------------
+    def _open_gate(self) -> None:
+        gate = self.gate
+        if gate is not None:
+            self.gate = None
+            if not gate.done():
+                gate.set_result(None)
+
+    def _fail(self) -> None:
+        if not self.done:
+            self.done = True
+            self.tally.failed += 1
+        if self.transport is not None:
+            self.transport.close()
+
+    def _dechunk(self, data: bytes) -> None:
+        buf = self.cbuf
+        buf += data
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            if self.need:
+                take = min(self.need, n - pos)
+                self._feed(bytes(buf[pos : pos + take]))
+                pos += take
+                self.need -= take
+                if self.need:
+                    break
+                self.crlf = True
+            if self.crlf:
+                if n - pos < 2:
+                    break
+                pos += 2
+                self.crlf = False
+                continue
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                break
+            size = int(bytes(buf[pos:nl]).split(b";", 1)[0], 16)
+            pos = nl + 2
+            if size == 0:
+                # Last chunk: the server ends the response.
+                if self.transport is not None:
+                    self.transport.close()
+                break
+            self.need = size
+        del buf[:pos]
+
+    def _feed(self, data: bytes) -> None:
+        sbuf = self.sbuf
+        sbuf += data
+        if b"\r" in sbuf:
+            sbuf = self.sbuf = bytearray(sbuf.replace(b"\r\n", b"\n"))
+        while True:
+            end = sbuf.find(b"\n\n")
+            if end < 0:
+                return
+            block = bytes(sbuf[:end])
+            del sbuf[: end + 2]
+            self._event(block)
+
+    def _event(self, block: bytes) -> None:
+        now = time.time()
+        t = self.tally
+        event = b"message"
+        data = b""
+        vid = b""
+        has_field = False
+        for line in block.split(b"\n"):
+            if not line or line[0] == 58:  # ":" comment (heartbeat)
+                continue
+            has_field = True
+            if line.startswith(b"data:"):
+                v = line[5:]
+                v = v[1:] if v[:1] == b" " else v
+                data = data + b"\n" + v if data else v
+            elif line.startswith(b"event:"):
+                event = line[6:].strip()
+            elif line.startswith(b"id:"):
+                vid = line[3:].strip()
+        if not has_field:
+            t.heartbeats += 1
+            return
+        if event == b"progress":
+            self.seen += 1
+            try:
+                version = int(vid)
+            except ValueError:
+                version = self.last_version + 1
+            if version <= self.last_version:
+                t.out_of_order += 1
+            self.last_version = version
+            if self.seen == 1:
+                t.ready += 1
+                t.connect_lat.append(now - self.t_start)
+                if now > t.last_ready:
+                    t.last_ready = now
+                self._open_gate()
+                t.poke()
+                return
+            t.updates += 1
+            stamp = _field(data, b'"updated_at"')
+            if stamp is not None:
+                t.recv.append(now)
+                t.stamps.append(stamp)
+        elif event == TERMINAL_EVENT:
+            if not self.done:
+                self.done = True
+                t.completed += 1
+                if _field(data, b'"state"') != self.expect_state:
+                    t.bad_terminal += 1
+                t.poke()
+        elif event == b"error":
+            t.error_events += 1
+        elif event == b"timeout":
+            t.timeouts += 1
