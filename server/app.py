@@ -89,9 +89,12 @@ def create_app(settings: Settings | None = None) -> Quart:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["taskstream"] = runtime
 
+    from server import openapi
+    from server.api import blueprint as api_blueprint
     from server.streams import blueprint as streams_blueprint
 
     app.register_blueprint(streams_blueprint)
+    app.register_blueprint(api_blueprint)
     from server.tickets_api import blueprint as tickets_blueprint
 
     app.register_blueprint(tickets_blueprint)
@@ -129,6 +132,9 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
+
+    # After every route exists: the OpenAPI document is generated from the URL map.
+    openapi.install(app)
 
     @app.errorhandler(AuthError)
     async def _auth_error(exc: AuthError) -> Response:

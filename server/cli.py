@@ -1,4 +1,5 @@
-"""The ``taskstream`` command: serve, migrate, token.
+"""The ``taskstream`` command: serve, migrate, token, and the terminal client (watch, create,
+update; see :mod:`server.termclient`).
 
 ``serve`` owns process lifetime: it starts the embedded PostgreSQL once (when DATABASE_URL is
 unset), applies migrations, checks that NOTIFY reaches a LISTEN connection, binds the sockets, then
@@ -245,6 +246,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.add_argument("--scope", action="append", help="add a scope (repeatable)")
     token.set_defaults(func=_token)
+
+    from server.termclient import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,17 @@ from server.events import TaskState
 __all__ = [
     "MIGRATION_LOCK_KEY",
     "DatabaseUnavailable",
+    "TaskChange",
     "connect",
     "create_pool",
     "fetch_open_tasks",
     "fetch_task",
     "fetch_tasks",
+    "insert_task",
+    "list_tasks",
     "migrate",
     "migration_files",
+    "update_task",
 ]
 
 logger = logging.getLogger(__name__)
@@ -34,7 +39,8 @@ logger = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x7473_6D69_6772
 
 TASK_COLUMNS = (
-    "id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at"
+    "id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at,"
+    " started_at, start_progress"
 )
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad input.
@@ -151,3 +157,134 @@ async def fetch_tasks(
         f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE id = ANY($1::text[])", list(task_ids)
     )
     return {r["id"]: _row_to_state(r) for r in rows}
+
+
+# -- the task API's queries ------------------------------------------------------------------
+# Every value is a parameter; the SQL text is fixed. The terminal states are spelled out here and
+# in events.TERMINAL_STATES (a test keeps the two in step).
+
+TERMINAL_SQL = "('success', 'failed', 'cancelled')"
+
+
+async def insert_task(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    task_id: str,
+    owner_id: str,
+    *,
+    state: str = "pending",
+    progress: float = 0.0,
+    estimated_time: int | None = None,
+) -> TaskState | None:
+    """Create a task; None if the id is taken (by anyone)."""
+    row = await conn.fetchrow(
+        "INSERT INTO taskstream.tasks (id, owner_id, state, progress, estimated_time)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING"
+        f" RETURNING {TASK_COLUMNS}",
+        task_id,
+        owner_id,
+        state,
+        progress,
+        estimated_time,
+    )
+    return None if row is None else _row_to_state(row)
+
+
+class TaskChange:
+    """The fields a PATCH (or ``taskstream update``) sets; absent fields stay as they are."""
+
+    __slots__ = ("error", "estimated_time", "fields", "progress", "state")
+
+    def __init__(self, **fields: Any) -> None:
+        unknown = set(fields) - {"state", "progress", "estimated_time", "error"}
+        if unknown:
+            raise TypeError(f"unknown task fields: {sorted(unknown)}")
+        self.fields = frozenset(fields)
+        self.state: str | None = fields.get("state")
+        self.progress: float | None = fields.get("progress")
+        self.estimated_time: int | None = fields.get("estimated_time")
+        self.error: str | None = fields.get("error")
+
+
+async def update_task(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    task_id: str,
+    change: TaskChange,
+    *,
+    owner_id: str | None = None,
+) -> tuple[str, TaskState | None]:
+    """Apply ``change`` to a non-terminal task in one statement.
+
+    Returns ``("updated", state)``, ``("terminal", state)`` when the task is already finished
+    (nothing changed), or ``("not_found", None)``, also when ``owner_id`` is given and is not the
+    task's owner.
+    """
+    f = change.fields
+    row = await conn.fetchrow(
+        "UPDATE taskstream.tasks SET"
+        " state = CASE WHEN $3 THEN $4::text ELSE state END,"
+        " progress = CASE WHEN $5 THEN $6::double precision ELSE progress END,"
+        " estimated_time = CASE WHEN $7 THEN $8::integer ELSE estimated_time END,"
+        " error = CASE WHEN $9 THEN $10::text ELSE error END"
+        " WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)"
+        f" AND state NOT IN {TERMINAL_SQL}"
+        f" RETURNING {TASK_COLUMNS}",
+        task_id,
+        owner_id,
+        "state" in f,
+        change.state,
+        "progress" in f,
+        change.progress,
+        "estimated_time" in f,
+        change.estimated_time,
+        "error" in f,
+        change.error,
+    )
+    if row is not None:
+        return "updated", _row_to_state(row)
+    # Not updated: tell a finished task from a missing (or someone else's) one.
+    row = await conn.fetchrow(
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        " WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)",
+        task_id,
+        owner_id,
+    )
+    if row is None:
+        return "not_found", None
+    return "terminal", _row_to_state(row)
+
+
+async def list_tasks(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    owner_id: str,
+    *,
+    limit: int,
+    state: str | None = None,
+    before: tuple[datetime, str] | None = None,
+) -> list[TaskState]:
+    """One owner's tasks, newest first (``created_at DESC, id DESC``), after a keyset cursor.
+
+    Both shapes walk the index ``(owner_id, created_at DESC, id DESC)``; the cursor is a row
+    comparison on that index's columns, so a page costs the same however deep it is.
+    """
+    if before is None:
+        rows = await conn.fetch(
+            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+            " WHERE owner_id = $1 AND ($2::text IS NULL OR state = $2)"
+            " ORDER BY created_at DESC, id DESC LIMIT $3",
+            owner_id,
+            state,
+            limit,
+        )
+    else:
+        rows = await conn.fetch(
+            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+            " WHERE owner_id = $1 AND ($2::text IS NULL OR state = $2)"
+            " AND (created_at, id) < ($3::timestamptz, $4::text)"
+            " ORDER BY created_at DESC, id DESC LIMIT $5",
+            owner_id,
+            state,
+            before[0],
+            before[1],
+            limit,
+        )
+    return [_row_to_state(r) for r in rows]

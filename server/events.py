@@ -2,6 +2,9 @@
 
 A :class:`TaskState` is built once per notification and shared by every subscriber of that task,
 and its encoded ``progress`` event is cached on it, so fan-out to N clients encodes JSON once.
+
+It is also where a missing ``estimated_time`` is derived (:func:`derive_eta`): once per state, in
+:meth:`TaskState.progress_data`, the one place task state becomes an event or an API body.
 """
 
 from __future__ import annotations
@@ -17,12 +20,20 @@ __all__ = [
     "TERMINAL_STATES",
     "TaskState",
     "complete_event",
+    "derive_eta",
     "not_found_event",
     "timeout_event",
     "token_expired_event",
 ]
 
 TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
+
+# The largest ETA reported (the writer's column is a PostgreSQL integer, so is the derived value).
+MAX_ETA = 2_147_483_647
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _iso(value: Any) -> str | None:
@@ -31,6 +42,54 @@ def _iso(value: Any) -> str | None:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()
     return str(value)
+
+
+def _utc(value: str | None) -> str | None:
+    """A timestamp from a NOTIFY payload (in the writer's session time zone), in the same UTC
+    ISO 8601 form as one read from a row, so every event and body formats times alike."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value).astimezone(UTC).isoformat()
+    except ValueError:
+        return value
+
+
+def _epoch(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
+
+
+def derive_eta(
+    progress: float,
+    updated_at: str | None,
+    started_at: str | None,
+    start_progress: float | None,
+) -> int | None:
+    """Seconds left at the observed rate since the task started, or None if it cannot be told.
+
+    With the start anchor ``(t0, p0)`` = (``started_at``, ``start_progress``) and the current
+    observation ``(t, p)`` = (``updated_at``, ``progress``)::
+
+        rate = (p - p0) / (t - t0)            # percent per second since the task started
+        eta  = (100 - p) / rate = (t - t0) * (100 - p) / (p - p0)
+
+    rounded to whole seconds. It is None when there is no anchor yet, when no time has passed or
+    no progress was made since it (``t <= t0`` or ``p <= p0``), and at 100 %, so it is never
+    negative and never a division by zero. The value is as of ``updated_at``: a client that wants a
+    countdown subtracts the time elapsed since then.
+    """
+    if start_progress is None or progress >= 100 or progress <= start_progress:
+        return None
+    t0, t = _epoch(started_at), _epoch(updated_at)
+    if t0 is None or t is None or t <= t0:
+        return None
+    eta = (t - t0) * (100.0 - progress) / (progress - start_progress)
+    return min(MAX_ETA, max(0, round(eta)))
 
 
 @dataclass(slots=True)
@@ -50,6 +109,11 @@ class TaskState:
     deleted: bool = False
     # Epoch seconds stamped by the trigger (clock_timestamp()), for push-latency measurements.
     committed_ts: float | None = None
+    # The ETA anchor kept by the trigger (sql/002_task_started.sql): when work was first seen.
+    started_at: str | None = None
+    start_progress: float | None = None
+    _eta: int | None = field(default=None, repr=False, compare=False)
+    _eta_known: bool = field(default=False, repr=False, compare=False)
     _progress_json: str | None = field(default=None, repr=False, compare=False)
     _progress_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -69,10 +133,12 @@ class TaskState:
             estimated_time=d.get("estimated_time"),
             error=d.get("error"),
             error_truncated=bool(d.get("error_truncated", False)),
-            created_at=d.get("created_at"),
-            updated_at=d.get("updated_at"),
+            created_at=_utc(d.get("created_at")),
+            updated_at=_utc(d.get("updated_at")),
             deleted=bool(d.get("deleted", False)),
             committed_ts=d.get("ts"),
+            started_at=_utc(d.get("started_at")),
+            start_progress=_float_or_none(d.get("start_progress")),
         )
 
     @classmethod
@@ -90,7 +156,27 @@ class TaskState:
             error_truncated=truncated,
             created_at=_iso(row.get("created_at")),
             updated_at=_iso(row.get("updated_at")),
+            started_at=_iso(row.get("started_at")),
+            start_progress=_float_or_none(row.get("start_progress")),
         )
+
+    @property
+    def eta(self) -> int | None:
+        """The writer's ``estimated_time`` if set, else the derived one (None when terminal).
+
+        Computed at most once per state, however many clients and requests read it.
+        """
+        if not self._eta_known:
+            if self.estimated_time is not None:
+                self._eta = self.estimated_time
+            elif self.terminal or self.deleted:
+                self._eta = None
+            else:
+                self._eta = derive_eta(
+                    self.progress, self.updated_at, self.started_at, self.start_progress
+                )
+            self._eta_known = True
+        return self._eta
 
     def progress_data(self) -> dict[str, Any]:
         """The ``progress`` event's JSON object (also the core of the REST representation)."""
@@ -98,10 +184,19 @@ class TaskState:
             "task_id": self.id,
             "state": self.state,
             "progress": self.progress,
-            "estimated_time": self.estimated_time,
+            "estimated_time": self.eta,
             "updated_at": self.updated_at,
             "version": self.version,
         }
+
+    def api_data(self) -> dict[str, Any]:
+        """The REST representation: the ``progress`` event's fields plus the task's details."""
+        data = self.progress_data()
+        data["error"] = self.error
+        data["owner_id"] = self.owner_id
+        data["created_at"] = self.created_at
+        data["started_at"] = self.started_at
+        return data
 
     def progress_json(self) -> str:
         """The ``progress`` data, encoded once per state however many clients receive it."""
