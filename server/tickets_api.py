@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import BaseModel, Field
 from quart import Blueprint, Response, jsonify, request
+from quart_schema import document_request
 
 from server import tickets
 from server.http import authenticate, json_error, runtime
+from server.openapi import responds, security, summarize
 from server.streams import MAX_TASKS_PER_STREAM, validate_task_id
 
 __all__ = ["blueprint"]
@@ -43,7 +46,32 @@ def _task_ids(body: Any) -> list[str] | str:
     return ids
 
 
+class TicketRequest(BaseModel):
+    """Give exactly one of the two."""
+
+    task_id: str | None = Field(default=None, min_length=1, max_length=200)
+    task_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TASKS_PER_STREAM)
+
+
+class TicketResponse(BaseModel):
+    ticket: str = Field(description="Opaque; pass as `?ticket=` on a stream URL, once.")
+    expires_in: int = Field(description="Seconds left to use it (TASKSTREAM_TICKET_TTL).")
+
+
 @blueprint.post("/api/v1/sse/tickets")
+@summarize(
+    "Buy a single-use stream ticket for an EventSource URL.",
+    "Send the bearer token in the Authorization header; get a ticket that opens one stream of "
+    "the listed tasks once, within `expires_in` seconds, on any server process. Use it as "
+    "`?ticket=` instead of putting the token in the URL; buy a new one before reconnecting.",
+)
+@responds(200, "The ticket.", TicketResponse, headers={"Cache-Control": "no-store"})
+@responds(400, "The body is not a JSON object naming 1 to 100 valid task ids.")
+@responds(401, "Missing or bad bearer token (only the Authorization header counts here).")
+@responds(413, "The body is over 64 KiB.")
+@responds(503, "The database is unreachable; see Retry-After.")
+@security({"bearerAuth": []})
+@document_request(TicketRequest)
 async def create_ticket() -> Response:
     principal = await authenticate(header_only=True)
     raw = await request.get_data()

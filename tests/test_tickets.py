@@ -248,7 +248,7 @@ async def test_jwks_idp_end_to_end(
 ) -> None:
     """ES256 tokens from a JWKS IdP with issuer and audience: what an Auth0/Keycloak setup does."""
     idp = JWKSServer([private_key("ES256")])
-    settings = conftest.test_settings(
+    settings = conftest.make_settings(
         database_url,
         jwt_secret=None,
         jwks_url=idp.url,
