@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("settings_overrides", [{"stream_timeout": 0.3, "ticket_ttl": 5}])
-async def test_schemathesis_finds_no_server_errors(server: LiveServer) -> None:
+async def test_schemathesis_finds_no_server_errors(server: LiveServer, tmp_path: Path) -> None:
     token = server.token(scopes=["tasks:write"])
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -49,6 +49,7 @@ async def test_schemathesis_finds_no_server_errors(server: LiveServer) -> None:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
         },
+        cwd=tmp_path,  # schemathesis keeps a .schemathesis/ folder in its working directory
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
