@@ -236,7 +236,7 @@ def authenticated(scope: str | None = None) -> Callable[[F], F]:
     def decorator(func: F) -> F:
         @wraps(func)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            principal = authenticate()
+            principal = await authenticate()
             if scope is not None and scope not in principal.scopes:
                 return json_error(403, "Forbidden", f"this needs scope {scope}")
             g.principal = principal

@@ -17,12 +17,13 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from server import db, metrics
-from server.auth import AuthError, TokenVerifier
+from server.auth import AuthError, TokenVerifier, verifier_from_settings
 from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.cors import apply_cors
 from server.embedded import load_or_create_secret
 from server.http import json_error
+from server.inputguard import Utf8GuardMiddleware
 from server.sendtimeout import SendTimeoutMiddleware
 from server.snapshots import SnapshotReader
 
@@ -63,15 +64,20 @@ class Runtime:
             sub.close("shutdown")
 
 
-def resolve_secret(settings: Settings, *, embedded: bool) -> str:
-    """The JWT signing secret: configured, or (embedded mode only) generated once and kept."""
+def resolve_secret(settings: Settings, *, embedded: bool) -> str | None:
+    """The JWT signing secret: configured, or (embedded mode only) generated once and kept.
+
+    None when there is no secret but a public key or JWKS URL verifies tokens instead.
+    """
     if settings.jwt_secret:
         return settings.jwt_secret
     if embedded:
         return load_or_create_secret(settings.data_dir)
+    if settings.jwt_public_key or settings.jwks_url:
+        return None
     raise ConfigError(
-        "TASKSTREAM_JWT_SECRET is not set. It is required when DATABASE_URL is set; "
-        "taskstream never falls back to a built-in key."
+        "TASKSTREAM_JWT_SECRET is not set. With DATABASE_URL, set it, TASKSTREAM_JWT_PUBLIC_KEY or "
+        "TASKSTREAM_JWKS_URL; taskstream never falls back to a built-in key."
     )
 
 
@@ -85,7 +91,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     runtime = Runtime(
         settings=settings,
         dsn=settings.database_url,
-        verifier=TokenVerifier(resolve_secret(settings, embedded=False)),
+        verifier=verifier_from_settings(settings, resolve_secret(settings, embedded=False)),
     )
 
     # No app-level static folder: it would serve ./static of whatever directory the server was
@@ -111,13 +117,18 @@ def create_app(settings: Settings | None = None) -> Quart:
         from server.demo import blueprint as demo_blueprint
 
         app.register_blueprint(demo_blueprint)
+    from server.tickets_api import blueprint as tickets_blueprint
+
+    app.register_blueprint(tickets_blueprint)
     send_timeout = SendTimeoutMiddleware(
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
     )
     app.asgi_app = send_timeout  # type: ignore[method-assign]
+    app.asgi_app = Utf8GuardMiddleware(app.asgi_app)  # type: ignore[method-assign]
 
     @app.before_serving
     async def _start() -> None:
+        await runtime.verifier.start()  # prefetch the JWKS, if any
         runtime.pool = await db.create_pool(runtime.dsn)
         runtime.broker = Broker(
             runtime.dsn,
@@ -131,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Quart:
             await runtime.broker.start()
         except BaseException:
             await runtime.pool.close()
+            await runtime.verifier.aclose()
             raise
         runtime.sampler = asyncio.create_task(
             sample_queue_usage(runtime.pool, settings.metrics_sample_interval),
@@ -149,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         await send_timeout.close()
         await runtime.broker.stop()
         await runtime.pool.close()
+        await runtime.verifier.aclose()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -161,7 +174,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def _auth_error(exc: AuthError) -> Response:
         if request.path.startswith("/api/v1/sse/"):
             metrics.STREAM_ERRORS.labels("auth").inc()
-        return json_error(401, exc.message, WWW_Authenticate=exc.challenge)
+        return json_error(exc.status, exc.message, WWW_Authenticate=exc.challenge)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:

@@ -1,32 +1,103 @@
 """Bearer-token authentication: JWTs verified with joserfc.
 
-The token is taken from ``Authorization: Bearer`` or, because the browser's EventSource cannot set
-headers, from the ``access_token`` query parameter. Failures follow RFC 6750: a request without a
-token is told ``WWW-Authenticate: Bearer``; a bad token ``Bearer error="invalid_token"``.
+Keys come from a shared secret (HS256/384/512), a PEM public key or certificate, and/or an
+identity provider's JWKS URL (RS256, PS256, ES256, ES384, EdDSA and the other RSA/EC sizes).
+Which key may check a token depends on the token's ``alg`` family alone: an HMAC algorithm only
+ever uses the shared secret, an RSA one only RSA keys, and so on. That is what makes HS/RS key
+confusion (an RSA public key used as an HMAC secret) impossible, whatever the pinned list says.
+
+Failures follow RFC 6750: a request without a token is told ``WWW-Authenticate: Bearer``; a bad
+token ``Bearer error="invalid_token"``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import OctKey
+from joserfc.errors import (
+    BadSignatureError,
+    ExpiredTokenError,
+    InvalidClaimError,
+    InvalidKeyCurveError,
+    InvalidKeyTypeError,
+    JoseError,
+    MissingClaimError,
+    UnsupportedAlgorithmError,
+)
+from joserfc.jwk import ECKey, Key, OctKey, OKPKey, RSAKey
+from joserfc.jws import JWSRegistry
 
-__all__ = ["AuthError", "Principal", "TokenVerifier", "extract_token", "issue_token"]
+from server.config import ConfigError, Settings
+from server.jwks import JWKSCache
+
+__all__ = [
+    "ASYMMETRIC_DEFAULT",
+    "MAX_TOKEN_BYTES",
+    "SUPPORTED_ALGORITHMS",
+    "AuthError",
+    "Principal",
+    "TokenVerifier",
+    "extract_token",
+    "issue_token",
+    "load_public_key",
+    "verifier_from_settings",
+]
+
+logger = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 8192
+# RFC 7518 3.2: an HMAC key must be at least as long as the hash output.
+MIN_SECRET_BYTES = 32
+
+# alg -> (key type, allowed curves). "none" is deliberately absent and can never be pinned.
+_ALG_KEYS: dict[str, tuple[str, frozenset[str]]] = {
+    **{f"HS{n}": ("oct", frozenset()) for n in (256, 384, 512)},
+    **{f"{p}{n}": ("RSA", frozenset()) for p in ("RS", "PS") for n in (256, 384, 512)},
+    "ES256": ("EC", frozenset({"P-256"})),
+    "ES384": ("EC", frozenset({"P-384"})),
+    "ES512": ("EC", frozenset({"P-521"})),
+    "EdDSA": ("OKP", frozenset({"Ed25519", "Ed448"})),
+}
+SUPPORTED_ALGORITHMS: tuple[str, ...] = tuple(_ALG_KEYS)
+# Accepted when a public key or JWKS is configured and TASKSTREAM_JWT_ALGORITHMS is not set.
+ASYMMETRIC_DEFAULT: tuple[str, ...] = ("RS256", "PS256", "ES256", "ES384", "EdDSA")
+# Trying every key of a big JWKS for a token without ``kid`` would be a CPU amplifier.
+_MAX_KEYS_TRIED = 5
 
 
 class AuthError(Exception):
-    """The request is not authenticated; ``challenge`` is the WWW-Authenticate value."""
+    """The request is not authenticated (401) or not allowed this resource (403).
 
-    def __init__(self, message: str, *, token_sent: bool) -> None:
+    ``challenge`` is the WWW-Authenticate value.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        token_sent: bool,
+        status: int = 401,
+        challenge: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
-        self.challenge = 'Bearer error="invalid_token"' if token_sent else "Bearer"
+        self.status = status
+        if challenge is None:
+            challenge = 'Bearer error="invalid_token"' if token_sent else "Bearer"
+        self.challenge = challenge
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,51 +109,249 @@ class Principal:
     scopes: frozenset[str] = frozenset()
 
 
-def _import_key(secret: str) -> OctKey:
-    return OctKey.import_key(secret.encode("utf-8"))
+class _Registry(JWSRegistry):
+    """joserfc's registry, minus its per-call SecurityWarning for EdDSA (RFC 9864 prefers the
+    fully-specified "Ed25519"). The operator pins algorithms explicitly, and a warning per
+    request would only fill logs (and fail a test run that turns warnings into errors)."""
+
+    def get_alg(self, name: str) -> Any:
+        if name not in _ALG_KEYS or not self.allowed or name not in self.allowed:
+            raise UnsupportedAlgorithmError(f"Algorithm of '{name}' is not allowed")
+        return self.algorithms[name]
+
+
+def _secret_key(secret: str) -> OctKey:
+    raw = secret.encode("utf-8")
+    if len(raw) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 3.2); "
+            "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return OctKey.import_key(raw)
+
+
+def load_public_key(path: Path) -> Key:
+    """Read a PEM public key or X.509 certificate (Auth0 hands out certificates)."""
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the JWT public key {str(path)!r}: {exc}") from None
+    try:
+        if b"BEGIN CERTIFICATE" in pem:
+            public: Any = x509.load_pem_x509_certificate(pem).public_key()
+        else:
+            public = serialization.load_pem_public_key(pem)
+    except ValueError:
+        raise ValueError(f"{str(path)!r} is not a PEM public key or certificate") from None
+    clean = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < 2048:
+            raise ValueError(f"{str(path)!r}: RSA keys below 2048 bits are refused")
+        return RSAKey.import_key(clean)
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return ECKey.import_key(clean)
+    if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return OKPKey.import_key(clean)
+    raise ValueError(f"{str(path)!r}: unsupported key type {type(public).__name__}")
+
+
+def _b64json(segment: str) -> Any:
+    padded = segment + "=" * (-len(segment) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
+def _peek_header(token: str) -> dict[str, Any]:
+    """The unverified JOSE header: only used to choose the key, never trusted beyond that."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("Malformed token", token_sent=True)
+    try:
+        header = _b64json(parts[0])
+    except (ValueError, UnicodeError, binascii.Error, RecursionError):
+        raise AuthError("Malformed token", token_sent=True) from None
+    if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
+        raise AuthError("Malformed token", token_sent=True)
+    return header
+
+
+def _curve(key: Key) -> str | None:
+    return key.curve_name if isinstance(key, ECKey | OKPKey) else None
 
 
 class TokenVerifier:
-    """Verifies HS256 tokens signed with one shared secret."""
+    """Verifies JWTs against the configured keys and claim rules.
+
+    ``await verify(token)`` may fetch the JWKS (an unknown ``kid``), so it is async. Call
+    :meth:`start` once in the serving event loop (prefetches the JWKS) and :meth:`aclose` at exit.
+    """
 
     def __init__(
-        self, secret: str, *, algorithms: Sequence[str] = ("HS256",), leeway: int = 30
+        self,
+        secret: str | None = None,
+        *,
+        public_keys: Sequence[Key] = (),
+        jwks: JWKSCache | None = None,
+        algorithms: Sequence[str] | None = None,
+        issuer: str | None = None,
+        audience: Sequence[str] = (),
+        leeway: int = 30,
+        user_claim: str = "sub",
     ) -> None:
-        if not secret:
-            raise ValueError("a JWT secret is required")
-        self._key = _import_key(secret)
-        self._algorithms = list(algorithms)
+        if not secret and not public_keys and jwks is None:
+            raise ValueError("a JWT secret, public key or JWKS URL is required")
+        if leeway < 0:
+            raise ValueError("the leeway must not be negative")
+        self._secret = _secret_key(secret) if secret else None
+        self._public_keys = list(public_keys)
+        self.jwks = jwks
+        if algorithms is None:
+            algorithms = (("HS256",) if secret else ()) + (
+                ASYMMETRIC_DEFAULT if public_keys or jwks is not None else ()
+            )
+        unknown = [a for a in algorithms if a not in _ALG_KEYS]
+        if unknown:
+            raise ValueError(
+                f"unsupported JWT algorithm(s) {', '.join(unknown)}; "
+                f"choose from {', '.join(SUPPORTED_ALGORITHMS)} ('none' is never accepted)"
+            )
+        if not algorithms:
+            raise ValueError("at least one JWT algorithm must be accepted")
+        self.algorithms = tuple(algorithms)
+        if any(a.startswith("HS") for a in self.algorithms) and self._secret is None:
+            raise ValueError("an HS* algorithm is pinned but TASKSTREAM_JWT_SECRET is not set")
+        self.issuer = issuer
+        self.audience = tuple(audience)
         self.leeway = leeway
+        self.user_claim = user_claim
+        self._registry = _Registry(algorithms=list(self.algorithms))
 
-    def verify(self, token: str) -> Principal:
-        if len(token) > MAX_TOKEN_BYTES:
+    async def start(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.start()
+
+    async def aclose(self) -> None:
+        if self.jwks is not None:
+            await self.jwks.aclose()
+
+    async def _candidates(self, alg: str, kid: str | None) -> list[Key]:
+        kty, curves = _ALG_KEYS[alg]
+        if kty == "oct":
+            return [self._secret] if self._secret is not None else []
+        keys: list[Key] = []
+        if self.jwks is not None:
+            keys.extend(await self.jwks.candidates(kid))
+        keys.extend(self._public_keys)
+        fitting = [
+            k
+            for k in keys
+            if k.key_type == kty
+            and (not curves or _curve(k) in curves)
+            and k.get("alg") in (None, alg)
+        ]
+        return fitting[:_MAX_KEYS_TRIED]
+
+    async def verify(self, token: str) -> Principal:
+        """The caller behind ``token``, or :class:`AuthError` saying why not."""
+        if len(token.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
             raise AuthError("Token too large", token_sent=True)
+        header = _peek_header(token)
+        alg = header["alg"]
+        if alg not in self.algorithms:
+            raise AuthError("Token algorithm not accepted", token_sent=True)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("Malformed token", token_sent=True)
+        keys = await self._candidates(alg, kid)
+        if not keys:
+            raise AuthError("No key to verify this token", token_sent=True)
+        decoded = None
+        last: JoseError | None = None
+        for key in keys:
+            try:
+                decoded = jwt.decode(token, key, algorithms=[alg], registry=self._registry)
+                break
+            except JoseError as exc:
+                last = exc
+            except (ValueError, TypeError, UnicodeError, RecursionError):
+                raise AuthError("Malformed token", token_sent=True) from None
+        if decoded is None:
+            assert last is not None
+            raise AuthError(_describe(last), token_sent=True)
+        return self._check_claims(decoded.claims)
+
+    def _check_claims(self, claims: Any) -> Principal:
+        if not isinstance(claims, dict):
+            raise AuthError("Malformed token", token_sent=True)
+        options: dict[str, Any] = {"exp": {"essential": True}}
+        if self.issuer is not None:
+            options["iss"] = {"essential": True, "value": self.issuer}
+        if self.audience:
+            options["aud"] = {"essential": True, "values": list(self.audience)}
         try:
-            decoded = jwt.decode(token, self._key, algorithms=self._algorithms)
-            registry = jwt.JWTClaimsRegistry(leeway=self.leeway, exp={"essential": True})
-            registry.validate(decoded.claims)
+            jwt.JWTClaimsRegistry(leeway=self.leeway, **options).validate(claims)
         except JoseError as exc:
             raise AuthError(_describe(exc), token_sent=True) from None
         except (ValueError, TypeError):
             raise AuthError("Malformed token", token_sent=True) from None
-        claims = decoded.claims
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub:
-            raise AuthError("Token has no subject", token_sent=True)
-        scope = claims.get("scope", "")
-        scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
-        return Principal(user_id=sub, expires_at=float(claims["exp"]), scopes=scopes)
+        # joserfc accepts any number; NaN, infinity or a 400-digit integer would make a token
+        # that never expires (or an OverflowError later).
+        try:
+            exp = float(claims["exp"])
+        except (OverflowError, TypeError, ValueError):
+            exp = math.nan
+        if isinstance(claims["exp"], bool) or not math.isfinite(exp):
+            raise AuthError("Token expiry is not a valid time", token_sent=True)
+        user = claims.get(self.user_claim)
+        if not isinstance(user, str) or not user or len(user) > 200:
+            raise AuthError(f"Token has no usable '{self.user_claim}' claim", token_sent=True)
+        return Principal(user_id=user, expires_at=exp, scopes=_scopes(claims))
+
+
+def verifier_from_settings(settings: Settings, secret: str | None) -> TokenVerifier:
+    """The verifier the settings describe; :class:`ConfigError` says what to fix."""
+    try:
+        public_keys = [load_public_key(settings.jwt_public_key)] if settings.jwt_public_key else []
+        jwks = JWKSCache(settings.jwks_url) if settings.jwks_url else None
+        return TokenVerifier(
+            secret,
+            public_keys=public_keys,
+            jwks=jwks,
+            algorithms=settings.jwt_algorithms,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway=settings.jwt_leeway,
+            user_claim=settings.jwt_user_claim,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    # OAuth 2 puts a space-separated "scope"; Okta and Entra ID a list in "scp".
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return frozenset(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        return frozenset(s for s in scp if isinstance(s, str))
+    return frozenset()
 
 
 def _describe(exc: JoseError) -> str:
-    name = type(exc).__name__
-    if name == "ExpiredTokenError":
+    if isinstance(exc, ExpiredTokenError):
         return "Token expired"
-    if name == "InvalidClaimError" and "nbf" in str(exc):
-        return "Token not yet valid"
-    if name == "MissingClaimError":
+    if isinstance(exc, MissingClaimError):
         return "Token is missing a required claim"
-    if name == "BadSignatureError":
+    if isinstance(exc, InvalidClaimError):
+        return {
+            "nbf": "Token not yet valid",
+            "iat": "Token issued in the future",
+            "iss": "Token issuer not accepted",
+            "aud": "Token audience not accepted",
+        }.get(exc.claim, "Invalid token")
+    if isinstance(exc, BadSignatureError | InvalidKeyTypeError | InvalidKeyCurveError):
         return "Invalid token signature"
     return "Invalid token"
 
@@ -105,4 +374,4 @@ def issue_token(secret: str, subject: str, *, ttl: int = 3600, scopes: Sequence[
     claims: dict[str, object] = {"sub": subject, "iat": now, "exp": now + ttl}
     if scopes:
         claims["scope"] = " ".join(scopes)
-    return jwt.encode({"alg": "HS256"}, claims, _import_key(secret))
+    return jwt.encode({"alg": "HS256"}, claims, _secret_key(secret))

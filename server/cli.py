@@ -63,7 +63,8 @@ def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
     secret = resolve_secret(settings, embedded=embedded is not None)
     # Workers are spawned processes: they read the same settings from the environment.
     os.environ["DATABASE_URL"] = url
-    os.environ["TASKSTREAM_JWT_SECRET"] = secret
+    if secret is not None:
+        os.environ["TASKSTREAM_JWT_SECRET"] = secret
     return Settings.from_env(), embedded
 
 
@@ -263,6 +264,8 @@ def _token(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     secret = resolve_secret(settings, embedded=settings.database_url is None)
+    if secret is None:
+        raise ConfigError("`taskstream token` signs with TASKSTREAM_JWT_SECRET, which is not set")
     print(issue_token(secret, args.sub, ttl=args.ttl, scopes=args.scope or ()))
     return 0
 

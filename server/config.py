@@ -65,6 +65,11 @@ def _origins(env: dict[str, str], name: str) -> tuple[str, ...]:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated setting, blanks dropped."""
+    return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
 def default_data_dir() -> Path:
     """Per-user data directory for the embedded PostgreSQL and the generated secret."""
     return Path(platformdirs.user_data_dir("taskstream", appauthor=False))
@@ -94,6 +99,17 @@ class Settings:
     # worker. For a local try-out only, never for production.
     demo: bool = False
     demo_speed: float = 1.0
+    # Authentication (see README "Security").
+    jwt_public_key: Path | None = None
+    jwks_url: str | None = None
+    jwt_algorithms: tuple[str, ...] | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: tuple[str, ...] = ()
+    jwt_leeway: int = 30
+    jwt_user_claim: str = "sub"
+    jwt_cookie: str | None = None
+    allow_query_token: bool = True
+    ticket_ttl: int = 60
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -125,4 +141,16 @@ class Settings:
             metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
             demo=_bool(e, "TASKSTREAM_DEMO", False),
             demo_speed=_float(e, "TASKSTREAM_DEMO_SPEED", 1.0, minimum=0.01),
+            jwt_public_key=Path(e["TASKSTREAM_JWT_PUBLIC_KEY"]).expanduser()
+            if e.get("TASKSTREAM_JWT_PUBLIC_KEY")
+            else None,
+            jwks_url=e.get("TASKSTREAM_JWKS_URL") or None,
+            jwt_algorithms=_list(e, "TASKSTREAM_JWT_ALGORITHMS") or None,
+            jwt_issuer=e.get("TASKSTREAM_JWT_ISSUER") or None,
+            jwt_audience=_list(e, "TASKSTREAM_JWT_AUDIENCE"),
+            jwt_leeway=_int(e, "TASKSTREAM_JWT_LEEWAY", 30, minimum=0),
+            jwt_user_claim=e.get("TASKSTREAM_JWT_USER_CLAIM") or "sub",
+            jwt_cookie=e.get("TASKSTREAM_JWT_COOKIE") or None,
+            allow_query_token=_bool(e, "TASKSTREAM_ALLOW_QUERY_TOKEN", True),
+            ticket_ttl=_int(e, "TASKSTREAM_TICKET_TTL", 60, minimum=1),
         )

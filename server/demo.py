@@ -176,7 +176,7 @@ async def demo_token() -> Response:
 @hide  # demo mode is a local try-out, not part of the API
 async def create_demo_task() -> Response:
     """Create a demo task owned by the caller; the simulated worker advances it."""
-    principal = authenticate()
+    principal = await authenticate()
     pool = runtime().pool
     active = await pool.fetchval(
         """

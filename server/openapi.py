@@ -330,12 +330,20 @@ _STREAM_PARAMS = [
         "schema": {"type": "string"},
         "description": "The same, for EventSource polyfills that cannot set headers.",
     },
+    {
+        "name": "ticket",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 64},
+        "description": "A single-use stream ticket from `POST /api/v1/sse/tickets`.",
+    },
 ]
 
 _STREAM_COMMON = (
     "Starts with a `retry:` field; a `: heartbeat` comment comes every TASKSTREAM_HEARTBEAT "
-    "seconds. Authenticate with `Authorization: Bearer` or `?access_token=` (EventSource cannot "
-    "set headers)."
+    "seconds. Authenticate with `Authorization: Bearer`, or (EventSource cannot set headers) "
+    "`?ticket=` from `POST /api/v1/sse/tickets`, or `?access_token=` unless "
+    "TASKSTREAM_ALLOW_QUERY_TOKEN is off."
 )
 
 
@@ -366,6 +374,7 @@ def _describe_streams(app: Quart) -> None:
         responds(204, "Nothing more will come (the client already saw the end); stop.")(single)
         responds(400, "The task id is not valid.")(single)
         responds(*ERROR_RESPONSES[401])(single)
+        responds(403, "The ticket does not cover this task (it is spent anyway).")(single)
         responds(429, "Too many open streams for this user or process.")(single)
         responds(*ERROR_RESPONSES[503])(single)
         parameters(*_STREAM_PARAMS)(single)
@@ -385,6 +394,7 @@ def _describe_streams(app: Quart) -> None:
         responds(204, "Resumed, and every listed task had already finished.")(multi)
         responds(400, "`ids` is not valid (at most 100 ids, each 1 to 200 characters).")(multi)
         responds(*ERROR_RESPONSES[401])(multi)
+        responds(403, "The ticket does not cover these tasks (it is spent anyway).")(multi)
         responds(429, "Too many open streams for this user or process.")(multi)
         responds(*ERROR_RESPONSES[503])(multi)
         parameters(

@@ -179,7 +179,7 @@ class _Stream:
 
 @blueprint.get("/api/v1/sse/tasks/<path:task_id>/progress")
 async def task_progress(task_id: str) -> Response:
-    principal = authenticate()
+    principal = await authenticate([task_id])
     problem = validate_task_id(task_id)
     if problem is not None:
         return json_error(400, "Invalid task id", problem)
@@ -232,7 +232,6 @@ def _parse_ids(raw_values: list[str]) -> list[str] | str:
 
 @blueprint.get("/api/v1/sse/tasks")
 async def tasks_stream() -> Response:
-    principal = authenticate()
     raw_ids = request.args.getlist("ids")
     owner_wide = not raw_ids
     ids: list[str] = []
@@ -241,6 +240,8 @@ async def tasks_stream() -> Response:
         if isinstance(parsed, str):
             return json_error(400, "Invalid ids", parsed)
         ids = parsed
+    # After parsing: a ticket must cover exactly these ids (an owner-wide stream takes none).
+    principal = await authenticate(None if owner_wide else ids)
     rt = runtime()
     opened = _open_subscription(rt, principal, ids, owner_wide=owner_wide)
     if isinstance(opened, Response):
@@ -295,7 +296,11 @@ def _parse_positional(raw: str | None, order: list[str]) -> dict[str, int] | Non
     if raw is None:
         return None
     parts = raw.split(".")
-    if len(parts) != len(order) or not all(p.isdigit() for p in parts):
+    # isascii(): str.isdigit() also accepts "²", which int() refuses; 18 digits fit a bigint and
+    # stay below int()'s 4300-digit limit, past which it raises instead of parsing.
+    if len(parts) != len(order) or not all(
+        p.isascii() and p.isdigit() and len(p) <= 18 for p in parts
+    ):
         return None
     return {tid: int(p) for tid, p in zip(order, parts, strict=True)}
 

@@ -109,6 +109,17 @@ async def run_server(settings: Settings, *, sndbuf: int | None = None) -> AsyncI
         waiter.cancel()
         task.result()
     assert waiter in done, "server did not start"
+    # before_serving runs before Hypercorn starts accepting on the socket: wait until it does,
+    # or a test that connects at once races the listener and gets "connection refused".
+    for _ in range(200):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.01)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        break
     try:
         yield LiveServer(app=app, url=f"http://127.0.0.1:{port}", settings=settings)
     finally:

@@ -116,7 +116,7 @@ async def test_serve_embedded_streams_and_stops_cleanly(data_dir: Path, sig: int
             text=True,
             check=True,
         ).stdout.strip()
-        assert TokenVerifier(secret_file.read_text()).verify(token).user_id == "alice"
+        assert (await TokenVerifier(secret_file.read_text()).verify(token)).user_id == "alice"
 
         conn = await asyncpg.connect(
             host=str(data_dir / "pgdata"), user="postgres", database="postgres"
