@@ -143,7 +143,7 @@ async def test_demo_token_is_for_the_demo_user(
     assert r.headers["cache-control"] == "no-store"
     body = r.json()
     assert body["user_id"] == DEMO_USER and body["expires_in"] == 3600
-    assert TokenVerifier(SECRET).verify(body["token"]).user_id == DEMO_USER
+    assert (await TokenVerifier(SECRET).verify(body["token"])).user_id == DEMO_USER
 
 
 async def test_demo_task_is_created_for_the_caller(
