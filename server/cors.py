@@ -27,11 +27,12 @@ __all__ = [
 ]
 
 # Authorization for the polyfill and fetch(), Last-Event-ID for clients that resume with the
-# header, Content-Type for JSON bodies of the API.
-ALLOW_HEADERS = ("Authorization", "Last-Event-ID", "Content-Type")
+# header, Content-Type for JSON bodies of the API, If-None-Match for ETag polling.
+ALLOW_HEADERS = ("Authorization", "Last-Event-ID", "Content-Type", "If-None-Match")
 ALLOW_METHODS = ("GET", "POST", "PATCH", "OPTIONS")
-# Readable by frontend code on 401/429/503 answers, to tell auth failures from back-off.
-EXPOSE_HEADERS = ("Retry-After", "WWW-Authenticate")
+# Readable by frontend code on 401/429/503 answers, to tell auth failures from back-off; ETag so
+# a cross-origin poller can send it back in If-None-Match.
+EXPOSE_HEADERS = ("Retry-After", "WWW-Authenticate", "ETag")
 # The polyfill sends a preflight before every (re)connect; caching it saves one round trip each.
 PREFLIGHT_MAX_AGE = timedelta(minutes=10)
 

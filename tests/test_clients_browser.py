@@ -116,11 +116,15 @@ async def test_browser_clients_see_progress_then_complete_and_stop(
             pages[(lib, where)] = await _open(browser, url)
     for page in pages.values():
         await _wait_events(page, 1)
-    for progress in (30, 60):
+    # Each update waits for the previous one to arrive: updates that land together may be
+    # merged into the latest by design (conflation), and this test wants every version.
+    for seen, progress in ((2, 30), (3, 60)):
         await sql.execute(
             "UPDATE taskstream.tasks SET state = 'running', progress = $1 WHERE id LIKE 'web-%'",
             progress,
         )
+        for page in pages.values():
+            await _wait_events(page, seen)
     await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id LIKE 'web-%'")
     for page in pages.values():
         await _wait_events(page, 5)

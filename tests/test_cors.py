@@ -146,3 +146,20 @@ def test_origins_setting_parses_exact_origins() -> None:
 def test_origins_setting_rejects_wildcards_and_non_origins(value: str) -> None:
     with pytest.raises(ConfigError, match="TASKSTREAM_CORS_ORIGINS"):
         Settings.from_env({"TASKSTREAM_CORS_ORIGINS": value})
+
+
+async def test_etag_polling_works_cross_origin(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    """The polling fallback sends If-None-Match and must read ETag from another origin."""
+    r = await client.options(
+        f"{server.url}/api/v1/tasks/t1", headers=_preflight(ALLOWED, "authorization,if-none-match")
+    )
+    assert "if-none-match" in r.headers["access-control-allow-headers"].lower()
+    await create_task(sql, "t1")
+    r = await client.get(
+        f"{server.url}/api/v1/tasks/t1",
+        headers={"Origin": ALLOWED, "Authorization": f"Bearer {server.token()}"},
+    )
+    assert r.status_code == 200 and r.headers["etag"]
+    assert "etag" in r.headers["access-control-expose-headers"].lower()
