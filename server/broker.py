@@ -385,6 +385,10 @@ class Broker:
             while not self._stopping:
                 try:
                     await self._connect_listener()
+                    # Counted before the next await, so whoever sees `connected` set again
+                    # also sees this reconnect counted.
+                    self.reconnects += 1
+                    metrics.LISTENER_RECONNECTS.inc()
                     break
                 except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                     logger.debug("listener reconnect failed: %s", type(exc).__name__)
@@ -397,8 +401,8 @@ class Broker:
                 await poller
             except asyncio.CancelledError:
                 pass
-        self.reconnects += 1
-        metrics.LISTENER_RECONNECTS.inc()
+        if self._conn is None:
+            return  # stopping before the database came back
         await self.resync()
         logger.warning(
             "LISTEN connection restored (reconnect #%d); resynced",
