@@ -117,6 +117,10 @@ class TaskState:
     _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
     _progress_json: str | None = field(default=None, repr=False, compare=False)
     _progress_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    # The encoded ``complete`` events (single-task, multi-task), shared by every watcher.
+    _complete_bytes: dict[bool, bytes] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def terminal(self) -> bool:
@@ -215,6 +219,14 @@ class TaskState:
 
 
 def complete_event(task: TaskState, *, with_task_id: bool = False) -> bytes:
+    """The ``complete`` event for a terminal state, encoded once per state and variant."""
+    cached = task._complete_bytes.get(with_task_id)
+    if cached is None:
+        cached = task._complete_bytes[with_task_id] = _encode_complete(task, with_task_id)
+    return cached
+
+
+def _encode_complete(task: TaskState, with_task_id: bool) -> bytes:
     body: dict[str, Any] = {"task_id": task.id} if with_task_id else {}
     body["state"] = task.state
     if task.state == "failed":
