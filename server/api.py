@@ -524,16 +524,10 @@ async def _long_poll(caller: Principal, task_id: str, after: int, wait: float) -
                 return task_response(current)
             if sub.closing is not None:
                 return json_error(503, "Server is shutting down", Retry_After="1")
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if loop.time() >= deadline:
                 return not_modified(current.version)
-            # No await between take() and clear(): a notification cannot slip in unseen.
-            sub.wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await sub.wakeup.wait()
-            except TimeoutError:
-                pass
+            # No await between take() and wait(): a notification cannot slip in unseen.
+            await sub.wait(deadline)
     finally:
         rt.broker.unsubscribe(sub)
 

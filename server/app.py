@@ -44,7 +44,8 @@ class Runtime:
     draining: bool = False
     send_timeouts: int = 0
     snapshots: SnapshotReader = field(init=False)
-    sampler: asyncio.Task[None] | None = None
+    # Periodic work of this process: the NOTIFY-queue sample and the metrics tally flush.
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.snapshots = SnapshotReader(lambda: self.pool)
@@ -105,7 +106,7 @@ def create_app(settings: Settings | None = None) -> Quart:
     from server import openapi
     from server.api import blueprint as api_blueprint
     from server.ops import blueprint as ops_blueprint
-    from server.ops import sample_queue_usage
+    from server.ops import flush_tally, sample_queue_usage
     from server.streams import blueprint as streams_blueprint
     from server.web import blueprint as web_blueprint
 
@@ -144,20 +145,26 @@ def create_app(settings: Settings | None = None) -> Quart:
             await runtime.pool.close()
             await runtime.verifier.aclose()
             raise
-        runtime.sampler = asyncio.create_task(
-            sample_queue_usage(runtime.pool, settings.metrics_sample_interval),
-            name="taskstream-queue-sampler",
-        )
+        runtime.background = [
+            asyncio.create_task(
+                sample_queue_usage(runtime.pool, settings.metrics_sample_interval),
+                name="taskstream-queue-sampler",
+            ),
+            asyncio.create_task(flush_tally(1.0), name="taskstream-metrics-flush"),
+        ]
         logger.info("taskstream ready (pid %d)", os.getpid())
 
     @app.after_serving
     async def _stop() -> None:
-        if runtime.sampler is not None:
-            runtime.sampler.cancel()
+        for task in runtime.background:
+            task.cancel()
+        for task in runtime.background:
             try:
-                await runtime.sampler
+                await task
             except asyncio.CancelledError:
                 pass
+        runtime.background = []
+        metrics.TALLY.flush()
         await send_timeout.close()
         await runtime.broker.stop()
         await runtime.pool.close()

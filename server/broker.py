@@ -73,7 +73,9 @@ class Subscription:
         "sent",
         "task_ids",
         "user_id",
-        "wakeup",
+        "_timer",
+        "_timer_at",
+        "_waiter",
         "__weakref__",
     )
 
@@ -85,7 +87,13 @@ class Subscription:
         self.pending: dict[str, TaskState] = {}
         # Highest version handed to the client per task; older or equal versions are dropped.
         self.sent: dict[str, int] = {}
-        self.wakeup = asyncio.Event()
+        # The stream's wait: a bare future, made only while it waits. An asyncio.Event per
+        # mailbox cost more than the socket write when one update woke thousands of streams.
+        self._waiter: asyncio.Future[None] | None = None
+        # One timer per stream for its next deadline (heartbeat, timeout, token expiry), kept
+        # across waits: re-armed when that deadline moves, not once per event.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.conflated = 0
         self.closing: str | None = None
         # Owner-wide streams: tasks created before this instant join only via the snapshot.
@@ -101,9 +109,40 @@ class Subscription:
             if not state.deleted and state.version <= current.version:
                 return  # the same state from NOTIFY and from resync, or an older one
             self.conflated += 1
-            metrics.EVENTS_CONFLATED.inc()
+            metrics.TALLY.conflated += 1
         self.pending[state.id] = state
-        self.wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None  # fired (maybe a millisecond early): the next wait arms it again
+        self._wake()
+
+    async def wait(self, until: float) -> None:
+        """Sleep until something is offered, :meth:`close` is called, or the loop clock reaches
+        ``until``. The caller checks ``pending`` first: there is no await between that check
+        and this call, so nothing offered in between can be missed."""
+        loop = asyncio.get_running_loop()
+        if self._timer is None or self._timer_at != until:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(until, self._on_timer)
+            self._timer_at = until
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def release(self) -> None:
+        """Drop the timer (the broker calls this when the mailbox is removed)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def take(self) -> list[TaskState]:
         """Everything pending, oldest version first, and mark it as handed over."""
@@ -129,7 +168,7 @@ class Subscription:
     def close(self, reason: str) -> None:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""
         self.closing = reason
-        self.wakeup.set()
+        self._wake()
 
 
 def is_new_for_owner_stream(state: TaskState, cutoff: datetime | None) -> bool:
@@ -229,6 +268,7 @@ class Broker:
         if sub not in self._all:
             return
         self._all.discard(sub)
+        sub.release()
         left = self._per_user.get(sub.user_id, 1) - 1
         if left > 0:
             self._per_user[sub.user_id] = left

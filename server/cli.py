@@ -113,9 +113,11 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
     from hypercorn.asyncio.run import worker_serve
     from hypercorn.utils import wrap_app
 
+    from server import gctuning
     from server.app import create_app
 
     app = create_app(settings)
+    gctuning.apply(settings.gc_thresholds)
 
     async def wait_for_stop() -> None:
         stop = asyncio.Event()

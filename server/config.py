@@ -47,6 +47,27 @@ def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> i
     return value
 
 
+# See server/gctuning.py for why the server does not run with the interpreter's (700, 10, 10).
+DEFAULT_GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def _gc_thresholds(env: dict[str, str], name: str) -> tuple[int, int, int] | None:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return DEFAULT_GC_THRESHOLDS
+    if raw == "python":
+        return None  # leave the interpreter's own thresholds alone
+    parts = [p.strip() for p in raw.split(",")]
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() and 0 < len(p) <= 9 for p in parts):
+        raise ConfigError(
+            f"{name} must be three whole numbers like 50000,20,10 (or 'python'), got {raw!r}"
+        )
+    g0, g1, g2 = (int(p) for p in parts)
+    if g0 < 1:
+        raise ConfigError(f"{name}: the first threshold must be at least 1 (0 disables the GC)")
+    return (g0, g1, g2)
+
+
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw == "":
@@ -110,6 +131,8 @@ class Settings:
     jwt_cookie: str | None = None
     allow_query_token: bool = True
     ticket_ttl: int = 60
+    # gc.set_threshold() for each server process; None keeps the interpreter's.
+    gc_thresholds: tuple[int, int, int] | None = DEFAULT_GC_THRESHOLDS
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -153,4 +176,5 @@ class Settings:
             jwt_cookie=e.get("TASKSTREAM_JWT_COOKIE") or None,
             allow_query_token=_bool(e, "TASKSTREAM_ALLOW_QUERY_TOKEN", True),
             ticket_ttl=_int(e, "TASKSTREAM_TICKET_TTL", 60, minimum=1),
+            gc_thresholds=_gc_thresholds(e, "TASKSTREAM_GC_THRESHOLDS"),
         )

@@ -1,11 +1,10 @@
 """Per-stream observation: metrics and one log line when a stream opens and when it closes.
 
 It wraps a stream's body from the outside, so the stream logic in :mod:`server.streams` stays
-about delivery. Every chunk is counted *after* the server wrote it (Quart asks for the next chunk
-only once ``send`` of the previous one returned), event by event (the stream coalesces what is
-ready into one write, so a chunk is split at the blank line that ends each event), and the reason
-a stream ended is read off the last event it wrote. A body closed before its end means the
-client went away (or was cut off by the send timeout, which :mod:`server.sendtimeout` counts).
+about delivery. The producer counts the events it writes (it knows their kinds, so nothing is
+parsed per chunk); this wrapper keeps the open-streams gauge, the duration and the close reason,
+read off the last event written. A body closed before its end means the client went away (or was
+cut off by the send timeout, which :mod:`server.sendtimeout` counts).
 """
 
 from __future__ import annotations
@@ -51,10 +50,9 @@ async def observed(body: AsyncIterator[bytes], *, path: str) -> AsyncIterator[by
     try:
         async for chunk in body:
             yield chunk
-            for event in metrics.split_events(chunk):
-                metrics.count_sent(metrics.event_type(event))
-                last = event
-        reason = _close_reason(last)
+            last = chunk
+        # The last chunk may hold several events (the stream coalesces); the last one counts.
+        reason = _close_reason(metrics.split_events(last)[-1] if last else b"")
     finally:
         aclose = getattr(body, "aclose", None)
         if aclose is not None:
@@ -82,6 +80,7 @@ def observe_push(states: Iterable[TaskState]) -> None:
     states read from the table (snapshots, resyncs) have none and are not observed.
     """
     now = time.time()
+    tally = metrics.TALLY
     for state in states:
         if state.committed_ts is not None:
-            metrics.PUSH_LATENCY.observe(max(0.0, now - state.committed_ts))
+            tally.observe_push(max(0.0, now - state.committed_ts))

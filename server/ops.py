@@ -22,7 +22,7 @@ from server.http import runtime
 if TYPE_CHECKING:
     from server.app import Runtime
 
-__all__ = ["blueprint", "sample_queue_usage"]
+__all__ = ["blueprint", "flush_tally", "sample_queue_usage"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +75,10 @@ async def sample_queue_usage(pool: asyncpg.Pool, interval: float) -> None:
         except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             logger.debug("notification queue sample failed: %s", type(exc).__name__)
         await asyncio.sleep(interval)
+
+
+async def flush_tally(interval: float) -> None:
+    """Move the data path's plain counters into prometheus-client (see :class:`metrics.Tally`)."""
+    while True:
+        await asyncio.sleep(interval)
+        metrics.TALLY.flush()

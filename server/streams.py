@@ -148,6 +148,8 @@ class _Stream:
     order: list[str] = field(default_factory=list)
     # Leading events (snapshots) computed by the view before the response started.
     preamble: list[bytes] = field(default_factory=list)
+    # Kinds of the events made by finish() and not yet counted as sent (counted after the write).
+    kinds: list[str] = field(default_factory=list)
 
     def resume_id(self) -> str | None:
         if not self.multi or self.owner_wide:
@@ -163,14 +165,26 @@ class _Stream:
         """Events for a state; marks the task closed when it is terminal or gone."""
         if state.deleted:
             self.open_ids.discard(state.id)
+            self.kinds.append("error")
             if self.multi:
                 return [events.not_found_event(state.id, event_id=self.resume_id())]
             return [events.not_found_event(event_id=END_OF_STREAM_ID)]
         out = [self.progress(state)]
+        self.kinds.append("progress")
         if state.terminal:
             self.open_ids.discard(state.id)
             out.append(events.complete_event(state, with_task_id=self.multi))
+            self.kinds.append("complete")
         return out
+
+    def count_sent(self, extra: str | None = None) -> None:
+        """Count what was just written: the events finish() made, and one ``extra`` kind."""
+        tally = metrics.TALLY
+        for kind in self.kinds:
+            tally.count_sent(kind)
+        self.kinds.clear()
+        if extra is not None:
+            tally.count_sent(extra)
 
     @property
     def done(self) -> bool:
@@ -198,7 +212,7 @@ async def task_progress(task_id: str) -> Response:
         return _unavailable()
     if snapshot is None or snapshot.owner_id != principal.user_id:
         rt.broker.unsubscribe(sub)
-        return _stream_response(_single(events.not_found_event(event_id=END_OF_STREAM_ID)))
+        return _stream_response(_single(events.not_found_event(event_id=END_OF_STREAM_ID), "error"))
     seen = _parse_version(last_id)
     if snapshot.terminal and seen is not None and seen >= snapshot.version:
         # The client saw the final state: 204 ends EventSource's reconnect loop.
@@ -305,8 +319,9 @@ def _parse_positional(raw: str | None, order: list[str]) -> dict[str, int] | Non
     return {tid: int(p) for tid, p in zip(order, parts, strict=True)}
 
 
-async def _single(chunk: bytes) -> AsyncIterator[bytes]:
+async def _single(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
     yield chunk
+    metrics.TALLY.count_sent(kind)
 
 
 async def _run(stream: _Stream) -> AsyncIterator[bytes]:
@@ -324,6 +339,7 @@ async def _run(stream: _Stream) -> AsyncIterator[bytes]:
         # Everything ready at once goes out as one write: each write costs a trip through
         # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
         yield b"".join([_retry_field(settings.retry_ms), *stream.preamble])
+        stream.count_sent("retry")
         while not stream.done:
             if sub.pending:
                 chunks: list[bytes] = []
@@ -334,27 +350,28 @@ async def _run(stream: _Stream) -> AsyncIterator[bytes]:
                         pushed.append(state)
                 if chunks:
                     yield b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                    stream.count_sent()
                     observe_push(pushed)  # after the write: commit -> socket
                 continue
             if sub.closing is not None:
                 yield _retry_field(settings.retry_ms)
+                stream.count_sent("retry")
                 return
             now = loop.time()
             if now >= token_deadline:
                 yield events.token_expired_event()
+                stream.count_sent("error")
                 return
             if now >= deadline:
                 yield events.timeout_event()
+                stream.count_sent("timeout")
                 return
             if now >= next_beat:
                 yield sse.comment("heartbeat")
+                stream.count_sent("heartbeat")
                 next_beat = now + settings.heartbeat
                 continue
-            sub.wakeup.clear()
-            try:
-                async with asyncio.timeout_at(min(deadline, next_beat, token_deadline)):
-                    await sub.wakeup.wait()
-            except TimeoutError:
-                pass
+            # No await since the check of sub.pending above, so no offer can be missed.
+            await sub.wait(min(deadline, next_beat, token_deadline))
     finally:
         rt.broker.unsubscribe(sub)

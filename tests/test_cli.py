@@ -140,7 +140,12 @@ async def test_serve_embedded_streams_and_stops_cleanly(data_dir: Path, sig: int
 
 
 async def test_serve_workers_each_hold_one_listen_connection(database_url: str) -> None:
-    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    env = _clean_env(
+        DATABASE_URL=database_url,
+        TASKSTREAM_JWT_SECRET=SECRET,
+        TASKSTREAM_LOG_LEVEL="DEBUG",
+        TASKSTREAM_GC_THRESHOLDS="12345,6,7",
+    )
     serve = await start_serve(env, "--workers", "2")
     try:
         await serve.wait_ready(ready_lines=2)
@@ -153,6 +158,8 @@ async def test_serve_workers_each_hold_one_listen_connection(database_url: str) 
         finally:
             await conn.close()
         assert len(rows) == 2
+        # Each worker applied the GC thresholds (server/gctuning.py) before serving.
+        assert "".join(serve.output).count("gc thresholds (12345, 6, 7)") == 2, serve.output
     finally:
         code = await serve.stop()
     assert code == 0, "".join(serve.output)
