@@ -8,6 +8,7 @@ holds its streams as :class:`bench.sse_client.SSEStream` protocols.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import multiprocessing as mp
 import resource
 import socket
@@ -209,6 +210,25 @@ def _worker_main(conn: Connection, job: WorkerJob) -> None:
         conn.close()
 
 
+def _split(total: int, room: list[int]) -> list[int]:
+    """Spread ``total`` as evenly as possible over workers with ``room`` left each.
+
+    An even split that ignores ``room`` asked a worker for more than it had left and left
+    another's last streams unasked (20,000 over three workers in steps of 4,000 opened 19,997).
+    """
+    per = [0] * len(room)
+    # One stream at a time to the worker that has the fewest so far and room left (20,000
+    # steps at most, a few milliseconds).
+    heap = [(0, i) for i, r in enumerate(room) if r > 0]
+    heapq.heapify(heap)
+    for _ in range(min(total, sum(room))):
+        k, i = heapq.heappop(heap)
+        per[i] = k + 1
+        if per[i] < room[i]:
+            heapq.heappush(heap, (k + 1, i))
+    return per
+
+
 class LoadGen:
     """Controller-side handle on the worker processes of one run."""
 
@@ -216,6 +236,8 @@ class LoadGen:
         self.jobs = jobs
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
+        # Streams asked of each worker so far: a worker can open only its own assignments.
+        self.requested = [0] * len(jobs)
 
     @property
     def pids(self) -> list[int]:
@@ -248,7 +270,9 @@ class LoadGen:
     async def connect(self, total: int, concurrency: int, limit: float) -> dict[str, Any]:
         """Open ``total`` more streams split over the workers; wait for their initial state."""
         n = len(self.conns)
-        per = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        room = [len(j.assignments) - r for j, r in zip(self.jobs, self.requested, strict=True)]
+        per = _split(total, room)
+        self.requested = [r + k for r, k in zip(self.requested, per, strict=True)]
         conc = [max(1, concurrency // n)] * n
         t0 = time.time()
         for c, k, cc in zip(self.conns, per, conc, strict=True):
