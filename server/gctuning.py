@@ -6,9 +6,9 @@ million objects, and a full (generation 2) collection of them pauses the event l
 0.7 s on the benchmark machine. With the interpreter's thresholds (700, 10, 10) the objects that
 are merely in flight while one update is written to thousands of streams survive a young
 collection, get promoted, and every so often tip CPython's "25 % more long-lived objects" rule
-into such a full collection. That pause was the whole tail: fan-out to 10,000 watchers went from
-p99 1,038 ms to 253 ms and many-tasks from 494 ms to 2.7 ms with the thresholds below (bench/,
-README "Performance").
+into such a full collection. That pause was the whole tail: with the thresholds below, the
+bench's fan-out to 10,000 watchers went from p99 1,038 ms to 253 ms in an otherwise identical
+run, and many-tasks from p99 494 ms to 3 ms (README "Performance").
 
 - A young generation of 50,000 objects: transient objects die (by reference count) before a
   young collection sees them, so they are not promoted. A young collection of that size takes
