@@ -68,6 +68,7 @@ class Subscription:
         "closing",
         "conflated",
         "created_after",
+        "direct",
         "owner_id",
         "pending",
         "sent",
@@ -94,6 +95,12 @@ class Subscription:
         # across waits: re-armed when that deadline moves, not once per event.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        # Set by a stream that can write an event to its socket on the spot (see
+        # server/streams.py, _DirectWrite): called only while the stream is parked in wait()
+        # with nothing pending, so it never overtakes a state the stream still has to write.
+        # Returns False to decline (terminal state, socket not drained...): the mailbox path
+        # then takes the state as usual.
+        self.direct: Callable[[TaskState], bool] | None = None
         self.conflated = 0
         self.closing: str | None = None
         # Owner-wide streams: tasks created before this instant join only via the snapshot.
@@ -101,6 +108,13 @@ class Subscription:
 
     def offer(self, state: TaskState) -> None:
         if not state.deleted and state.version <= self.sent.get(state.id, 0):
+            return
+        if (
+            self.direct is not None
+            and self._waiter is not None
+            and not self.pending
+            and self.direct(state)
+        ):
             return
         current = self.pending.get(state.id)
         if current is not None:
@@ -139,7 +153,9 @@ class Subscription:
             self._waiter = None
 
     def release(self) -> None:
-        """Drop the timer (the broker calls this when the mailbox is removed)."""
+        """Drop the timer and the direct writer (the broker calls this when the mailbox is
+        removed)."""
+        self.direct = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -117,6 +117,7 @@ class TaskState:
     _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
     _progress_json: str | None = field(default=None, repr=False, compare=False)
     _progress_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    _progress_chunk: bytes | None = field(default=None, init=False, repr=False, compare=False)
     # The encoded ``complete`` events (single-task, multi-task), shared by every watcher.
     _complete_bytes: dict[bool, bytes] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -216,6 +217,13 @@ class TaskState:
                 self.progress_json(), event="progress", id=self.version
             )
         return self._progress_bytes
+
+    def progress_chunk(self) -> bytes:
+        """:meth:`progress_event` framed as one HTTP/1.1 chunk (for the direct write), cached."""
+        if self._progress_chunk is None:
+            event = self.progress_event()
+            self._progress_chunk = b"%x\r\n%b\r\n" % (len(event), event)
+        return self._progress_chunk
 
 
 def complete_event(task: TaskState, *, with_task_id: bool = False) -> bytes:

@@ -122,6 +122,9 @@ class Tally:
         self._bounds = PUSH_LATENCY._upper_bounds  # ends with +Inf
         self.push_counts = [0] * len(self._bounds)
         self.push_sum = 0.0
+        # Progress events written straight to the socket (server/streams.py, _direct_write);
+        # cumulative, not exported: tests read it to prove the direct path is taken.
+        self.direct_writes = 0
 
     def count_sent(self, kind: str, n: int = 1) -> None:
         self.sent[kind] = self.sent.get(kind, 0) + n

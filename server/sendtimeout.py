@@ -19,7 +19,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["SendTimeoutMiddleware"]
+from server.transport import find_transport
+
+__all__ = ["RAW_SEND", "SendTimeoutMiddleware"]
+
+RAW_SEND = "taskstream.raw_send"
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +31,13 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 def _abort_transport(send: Any) -> bool:
-    """Find the connection's transport behind Hypercorn's ``send`` and abort it.
-
-    Closing politely would wait for the stuck buffer to drain, which never happens. Hypercorn
-    does not expose the transport, so walk the bound-method chain (stream -> protocol ->
-    TCP server); if its shape ever changes, nothing is aborted and the watchdog logs it.
-    """
-    obj: Any = send
-    for _ in range(8):
-        owner = getattr(obj, "__self__", None)
-        if owner is None:
-            return False
-        writer = getattr(owner, "writer", None)
-        transport = getattr(writer, "transport", None)
-        if transport is not None:
-            transport.abort()
-            return True
-        obj = getattr(owner, "send", None)
-    return False
+    """Abort the connection behind Hypercorn's ``send`` (closing politely would wait for the stuck
+    buffer to drain, which never happens). False if the transport cannot be found."""
+    transport = find_transport(send)
+    if transport is None:
+        return False
+    transport.abort()
+    return True
 
 
 class _Sending:
@@ -84,6 +77,8 @@ class SendTimeoutMiddleware:
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch(), name="taskstream-send-watchdog")
         entry = _Sending(send)
+        # For the stream's direct fan-out write (server/streams.py): Hypercorn's own send.
+        scope[RAW_SEND] = send
 
         async def tracked_send(message: Any) -> None:
             entry.since = loop.time()

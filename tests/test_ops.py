@@ -120,7 +120,10 @@ async def test_conflated_states_are_counted(
     server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
 ) -> None:
     await create_task(sql, "t1")
-    async with open_stream(client, server.stream_url("t1"), token=server.token()) as s:
+    # A multi-task stream: a single-task stream whose socket has drained writes each state on the
+    # spot (server/streams.py, _direct_write) and conflates only for a slow client.
+    url = f"{server.url}/api/v1/sse/tasks?ids=t1"
+    async with open_stream(client, url, token=server.token()) as s:
         await s.next()
         before = await scrape(client, server.url)
         # One transaction: its three notifications arrive together, before the stream runs, so

@@ -1,0 +1,109 @@
+"""The direct fan-out write (server/streams.py, _direct_write; server/transport.py).
+
+A single-task stream over HTTP/1.1 whose socket has drained gets each progress event written
+straight to its socket from the broker's dispatch. These tests prove the path is taken on the
+pinned Hypercorn (if a release changes what server/transport.py walks, the first test fails
+instead of the server silently falling back), and that what it writes is the same stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+
+from server import metrics
+from tests.conftest import LiveServer, create_task
+from tests.sse_client import open_stream
+
+
+async def test_each_version_of_one_transaction_reaches_a_client_that_keeps_up(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    await create_task(sql, "d1")
+    async with open_stream(client, server.stream_url("d1"), token=server.token()) as s:
+        first = await s.next()
+        assert first.event == "progress" and first.id == "1"
+        before = metrics.TALLY.direct_writes
+        async with sql.transaction():
+            for p in (10, 20, 30):
+                await sql.execute("UPDATE taskstream.tasks SET progress = $1 WHERE id = 'd1'", p)
+        got = [await s.next(2) for _ in range(3)]
+        assert [(e.event, e.id, e.json()["progress"]) for e in got] == [
+            ("progress", "2", 10),
+            ("progress", "3", 20),
+            ("progress", "4", 30),
+        ]
+        assert metrics.TALLY.direct_writes - before == 3
+        # The terminal state takes the ordinary path: progress, complete, then the end.
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'd1'")
+        last = [await s.next(2), await s.next(2)]
+        assert [e.event for e in last] == ["progress", "complete"] and last[0].id == "5"
+        await s.wait_closed(2)
+    assert metrics.TALLY.direct_writes - before == 3
+
+
+async def _raw_stream(
+    server: LiveServer, task_id: str, version: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    u = urlsplit(server.url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    path = urlsplit(server.stream_url(task_id)).path
+    writer.write(
+        b"GET " + path.encode() + b" HTTP/" + version + b"\r\nHost: x\r\n"
+        b"Authorization: Bearer " + server.token().encode() + b"\r\n\r\n"
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def test_http_1_0_client_is_served_without_chunks_on_the_ordinary_path(
+    server: LiveServer, sql: asyncpg.Connection
+) -> None:
+    """HTTP/1.0 has no chunked encoding: h11 writes the body raw, so must everything else."""
+    await create_task(sql, "d2")
+    before = metrics.TALLY.direct_writes
+    reader, writer = await _raw_stream(server, "d2", b"1.0")
+    try:
+        await asyncio.wait_for(reader.readuntil(b"data: "), 5)
+        await sql.execute("UPDATE taskstream.tasks SET progress = 40 WHERE id = 'd2'")
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'd2'")
+        body = await asyncio.wait_for(reader.read(), 5)  # close-delimited: read to the end
+    finally:
+        writer.close()
+    assert b"id: 2\n" in body and b"event: complete\n" in body
+    assert b"\r\n" not in body.split(b"event: complete")[0]  # no chunk framing anywhere
+    assert metrics.TALLY.direct_writes == before
+
+
+async def test_http_1_1_raw_bytes_are_well_formed_chunks(
+    server: LiveServer, sql: asyncpg.Connection
+) -> None:
+    await create_task(sql, "d3")
+    reader, writer = await _raw_stream(server, "d3", b"1.1")
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"transfer-encoding: chunked" in head.lower()
+
+        async def chunk() -> bytes:
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 5))[:-2], 16)
+            data = await asyncio.wait_for(reader.readexactly(size + 2), 5)
+            assert data.endswith(b"\r\n")
+            return data[:-2]
+
+        first = await chunk()
+        assert b"event: progress\nid: 1\n" in first
+        before = metrics.TALLY.direct_writes
+        await sql.execute("UPDATE taskstream.tasks SET progress = 50 WHERE id = 'd3'")
+        second = await chunk()
+        assert second.startswith(b"event: progress\nid: 2\n") and second.endswith(b"\n\n")
+        assert metrics.TALLY.direct_writes == before + 1
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'd3'")
+        rest = b""
+        while (part := await chunk()) != b"":  # the zero-length chunk ends the body
+            rest += part
+        assert b"event: complete\n" in rest
+    finally:
+        writer.close()
