@@ -96,7 +96,7 @@ class Subscription:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         # Set by a stream that can write an event to its socket on the spot (see
-        # server/streams.py, _DirectWrite): called only while the stream is parked in wait()
+        # server/streams.py, _direct_write): called only while the stream is parked in wait()
         # with nothing pending, so it never overtakes a state the stream still has to write.
         # Returns False to decline (terminal state, socket not drained...): the mailbox path
         # then takes the state as usual.
