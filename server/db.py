@@ -23,6 +23,7 @@ __all__ = [
     "TaskChange",
     "connect",
     "create_pool",
+    "fetch_joined_tasks",
     "fetch_open_tasks",
     "fetch_task",
     "fetch_tasks",
@@ -40,7 +41,7 @@ MIGRATION_LOCK_KEY = 0x7473_6D69_6772
 
 TASK_COLUMNS = (
     "id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at,"
-    " started_at, start_progress"
+    " started_at, start_progress, owner_since"
 )
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad input.
@@ -162,6 +163,24 @@ async def fetch_tasks(
         f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE id = ANY($1::text[])", list(task_ids)
     )
     return {r["id"]: _row_to_state(r) for r in rows}
+
+
+async def fetch_joined_tasks(
+    conn: asyncpg.Pool | asyncpg.Connection, since: dict[str, datetime]
+) -> list[TaskState]:
+    """Every task that became its owner's (created for them, or given to them) after
+    ``since[owner]``: what an owner-wide stream picks up, read back after a listener outage."""
+    if not since:
+        return []
+    rows = await conn.fetch(
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
+        " ON owner_id = o.joined_owner"
+        " AND (created_at > o.joined_after OR owner_since > o.joined_after)",
+        list(since),
+        list(since.values()),
+    )
+    return [_row_to_state(r) for r in rows]
 
 
 # -- the task API's queries ------------------------------------------------------------------

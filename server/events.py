@@ -112,6 +112,8 @@ class TaskState:
     # The ETA anchor kept by the trigger (sql/002_task_started.sql): when work was first seen.
     started_at: str | None = None
     start_progress: float | None = None
+    # When the task passed to this owner (sql/004_owner_since.sql); None: since it was created.
+    owner_since: str | None = None
     # The memo of `eta`; init=False so that dataclasses.replace() never copies a stale one.
     _eta: int | None = field(default=None, init=False, repr=False, compare=False)
     _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
@@ -145,6 +147,7 @@ class TaskState:
             committed_ts=d.get("ts"),
             started_at=_utc(d.get("started_at")),
             start_progress=_float_or_none(d.get("start_progress")),
+            owner_since=_utc(d.get("owner_since")),
         )
 
     @classmethod
@@ -164,7 +167,14 @@ class TaskState:
             updated_at=_iso(row.get("updated_at")),
             started_at=_iso(row.get("started_at")),
             start_progress=_float_or_none(row.get("start_progress")),
+            owner_since=_iso(row.get("owner_since")),
         )
+
+    @classmethod
+    def gone(cls, task_id: str) -> TaskState:
+        """What a subscriber gets for a task that was deleted or is not (or no longer) theirs:
+        the two read the same, so a stream never tells another owner's task from a missing one."""
+        return cls(id=task_id, owner_id="", version=0, deleted=True)
 
     @property
     def eta(self) -> int | None:

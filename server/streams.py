@@ -292,7 +292,7 @@ async def tasks_stream() -> Response:
         if state is None or state.owner_id != principal.user_id:
             stream.open_ids.discard(tid)
             if seen is None:
-                snapshots.append(TaskState(id=tid, owner_id="", version=0, deleted=True))
+                snapshots.append(TaskState.gone(tid))
             continue
         already = seen.get(tid, -1) if seen is not None else -1
         sub.mark_sent(state)
@@ -342,7 +342,8 @@ def _direct_write(
     nothing the stream still has to write can be overtaken. It declines (returns False, and the
     mailbox path takes over with its conflation and the send timeout) for terminal states and
     deletions, which end the stream, and whenever the socket has not drained what it was given:
-    a slow client never gets more than the kernel accepts.
+    a slow client never gets more than the kernel accepts. It never sees another owner's state:
+    :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
     """
     sub = stream.sub
     tally = metrics.TALLY
