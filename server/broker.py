@@ -486,9 +486,9 @@ class Broker:
         )
 
     async def resync(self) -> None:
-        """Read every subscribed task and hand over whatever moved (or vanished), and the tasks
-        that became the owner of an owner-wide stream's after its snapshot (created for them or
-        given to them while no notification could say so)."""
+        """Read every subscribed task and hand over whatever moved (or vanished), and every task
+        that joined an owner after one of their owner-wide streams took its snapshot (created
+        for them, or given to them, while no notification could say so)."""
         ids = list(self._by_task)
         since = self._owner_cutoffs()
         if not ids and not since:

@@ -172,11 +172,17 @@ async def fetch_joined_tasks(
     ``since[owner]``: what an owner-wide stream picks up, read back after a listener outage."""
     if not since:
         return []
+    # Two index range scans, (owner_id, created_at) and (owner_id, owner_since), rather than one
+    # OR that reads every task the owner ever had; owner_since >= created_at, so the second
+    # branch only adds tasks created before the cutoff and given to the owner after it.
     rows = await conn.fetch(
         f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
         " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
-        " ON owner_id = o.joined_owner"
-        " AND (created_at > o.joined_after OR owner_since > o.joined_after)",
+        " ON owner_id = o.joined_owner AND created_at > o.joined_after"
+        f" UNION ALL SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
+        " ON owner_id = o.joined_owner AND owner_since > o.joined_after"
+        " AND created_at <= o.joined_after",
         list(since),
         list(since.values()),
     )
