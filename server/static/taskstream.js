@@ -156,6 +156,28 @@ function callSafely(fn, ...args) {
   }
 }
 
+/**
+ * When a JWT expires, in ms since the epoch, read from its `exp` claim without verifying it
+ * (only the server can; this is just a schedule). Null for anything that is not a JWT.
+ */
+export function jwtExpiresAt(token) {
+  if (typeof token !== "string") return null;
+  const parts = token.split(".");
+  if (parts.length !== 3) return null;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)));
+    return typeof claims?.exp === "number" ? claims.exp * 1000 : null;
+  } catch {
+    return null;
+  }
+}
+
+function isEventStream(response) {
+  const type = response.headers.get("Content-Type") ?? "";
+  return response.status === 200 && type.startsWith("text/event-stream") && Boolean(response.body);
+}
+
 /** Raised inside a transport to move on to the next one. */
 class Unusable extends Error {}
 
@@ -175,6 +197,7 @@ class Watch {
       pollInterval: 2000,
       firstEventTimeout: 10000,
       idleTimeout: 60000,
+      refreshAhead: 10000,
       reconnectOnTimeout: true,
       withCredentials: false,
       ...options,
@@ -191,33 +214,49 @@ class Watch {
     this.ladder = TRANSPORTS.filter((name) => wanted.includes(name));
     this.versions = new Map(); // task id -> last version delivered
     this.pending = new Set(ids); // tasks not yet terminal
+    this.notFound = 0;
     this.results = {};
     this.lastState = new Map(); // task id -> last progress data
     this.lastEventId = null;
     this.status = null;
+    this.reason = null;
     this.transport = null;
     this.closed = false;
+    this.ready = false;
     this.abort = new AbortController();
     this.es = null;
+    this.retiring = null; // the EventSource a token refresh is replacing, until the new one opens
+    this.tokenExpiresAt = null; // ms since the epoch, of the token last handed out (null: unknown)
+    this.refreshTimer = null;
+    this.rotate = null; // the live transport's make-before-break reconnect, if it has one
+    this.watchNetwork();
     this.setStatus("connecting");
     this.run();
   }
 
   // ---- outcome -------------------------------------------------------------------------------
 
-  setStatus(status) {
-    if (this.closed || status === this.status) return;
+  /**
+   * `reason` says why the status changed: "token_refresh", "token_expired", "network",
+   * "heartbeat", "offline", "online", "server_closed", "timeout", "complete", "error",
+   * "unavailable" (streaming is not possible here), or null.
+   */
+  setStatus(status, reason = null) {
+    if (this.closed || (status === this.status && reason === this.reason)) return;
+    if (status === this.status && status === "live") return;
     this.status = status;
-    callSafely(this.opts.onStatus, status, { transport: this.transport });
+    this.reason = reason;
+    callSafely(this.opts.onStatus, status, { transport: this.transport, reason });
   }
 
   shutdown() {
     this.closed = true;
     this.abort.abort();
-    if (this.es) {
-      this.es.close();
-      this.es = null;
-    }
+    clearTimeout(this.refreshTimer);
+    this.unwatchNetwork?.();
+    for (const es of [this.es, this.retiring]) es?.close();
+    this.es = null;
+    this.retiring = null;
   }
 
   /** The caller's close(): stop everything, call nothing more. */
@@ -225,17 +264,66 @@ class Watch {
     if (this.closed) return;
     this.shutdown();
     this.status = "closed";
+    this.reason = "closed";
   }
 
-  finish(callback, value) {
+  finish(callback, value, reason) {
     if (this.closed) return;
-    this.setStatus("closed");
+    this.setStatus("closed", reason);
     this.shutdown();
     callSafely(callback, value);
   }
 
+  /** The first snapshot is in hand: from here on every change arrives (see onReady). */
+  markReady() {
+    if (this.ready || this.closed) return;
+    this.ready = true;
+    callSafely(this.opts.onReady);
+  }
+
+  // ---- token lifetime: refresh before the server ends the stream ---------------------------
+
+  /**
+   * A live stream was opened with the token last handed out: plan to replace it with a fresh one
+   * `refreshAhead` ms before that token expires (at most a third of its remaining life early),
+   * so the server never has to end a stream for an expired token.
+   */
+  scheduleRefresh() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    const ahead = this.opts.refreshAhead;
+    if (this.closed || !ahead || typeof this.opts.getToken !== "function") return;
+    if (this.tokenExpiresAt === null || typeof this.rotate !== "function") return;
+    const left = this.tokenExpiresAt - Date.now();
+    if (left <= 0) return;
+    const at = Math.max(0, left - Math.min(ahead, left / 3));
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      if (!this.closed) this.rotate?.();
+    }, at);
+  }
+
+  // ---- the network: offline, online ----------------------------------------------------------
+
+  watchNetwork() {
+    const target = globalThis.window ?? null;
+    if (!target || typeof target.addEventListener !== "function") return;
+    // Offline: show it at once (the connection may take minutes to notice). Online: reconnect
+    // now instead of waiting out a back-off, resuming from the last versions.
+    const offline = () => this.setStatus("reconnecting", "offline");
+    const online = () => {
+      if (this.status !== "live" || this.reason === "offline") this.kick?.("online");
+    };
+    target.addEventListener("offline", offline);
+    target.addEventListener("online", online);
+    this.unwatchNetwork = () => {
+      target.removeEventListener("offline", offline);
+      target.removeEventListener("online", online);
+    };
+  }
+
   fail(error) {
-    this.finish(this.opts.onError, error);
+    this.finish(this.opts.onError, error, "error");
   }
 
   // ---- events, whatever the transport --------------------------------------------------------
@@ -263,11 +351,31 @@ class Watch {
     const taskId = this.taskIdOf(data);
     if (!this.pending.has(taskId)) return;
     const seen = this.versions.get(taskId);
+    // Two streams overlap during a token refresh, and a resumed stream may repeat the last
+    // state: a version is delivered once, and never one older than the last.
     if (typeof data.version === "number" && seen !== undefined && data.version <= seen) return;
     if (typeof data.version === "number") this.versions.set(taskId, data.version);
     if (data.task_id === undefined) data = { task_id: taskId, ...data };
     this.lastState.set(taskId, data);
     callSafely(this.opts.onProgress, data);
+    if (this.mode === "single" || this.versions.size + this.notFound >= this.ids.length) {
+      this.markReady();
+    }
+  }
+
+  /**
+   * Where a new connection resumes. Single task: its last version. Several: the server's
+   * positional id (one version per listed id, dot-separated), computed from what was delivered
+   * rather than copied from the last event, because during a token refresh two streams overlap
+   * and the older one's ids lag.
+   */
+  resumeId() {
+    if (this.lastEventId === null) return null;
+    if (this.mode === "single") {
+      const v = this.versions.get(this.ids[0]);
+      return v === undefined ? this.lastEventId : String(v);
+    }
+    return this.ids.map((id) => String(this.versions.get(id) ?? 0)).join(".");
   }
 
   onComplete(data) {
@@ -277,7 +385,8 @@ class Watch {
     this.pending.delete(taskId);
     this.results[taskId] = data;
     if (this.mode === "single") {
-      this.finish(this.opts.onComplete, data);
+      this.markReady();
+      this.finish(this.opts.onComplete, data, "complete");
       return;
     }
     callSafely(this.opts.onComplete, data);
@@ -299,8 +408,10 @@ class Watch {
     }
     if (!this.pending.has(taskId)) return;
     this.pending.delete(taskId);
+    this.notFound += 1;
     this.results[taskId] = error;
     callSafely(this.opts.onError, error);
+    if (this.versions.size + this.notFound >= this.ids.length) this.markReady();
     this.maybeAllDone();
   }
 
@@ -313,7 +424,7 @@ class Watch {
       this.fail(new TaskStreamError("auth", message));
       return;
     }
-    this.setStatus("reconnecting");
+    this.setStatus("reconnecting", "token_expired");
     // fetch reconnects (with a fresh token) when the stream ends; an EventSource would come back
     // with the stale token in its URL, so it is replaced.
     this.replaceEventSource?.();
@@ -322,11 +433,11 @@ class Watch {
   onTimeout(data) {
     callSafely(this.opts.onTimeout, data);
     // The server closes the stream after `timeout`; a reconnect resumes from the last event id.
-    if (!this.opts.reconnectOnTimeout) this.finish(null);
+    if (!this.opts.reconnectOnTimeout) this.finish(null, undefined, "timeout");
   }
 
   maybeAllDone() {
-    if (this.pending.size === 0) this.finish(this.opts.onAllDone, this.results);
+    if (this.pending.size === 0) this.finish(this.opts.onAllDone, this.results, "complete");
   }
 
   /** A transport lost its connection: if the last state seen was terminal, that is the end. */
@@ -341,14 +452,43 @@ class Watch {
   // ---- credentials and URLs ------------------------------------------------------------------
 
   async token() {
+    let token = this.opts.token;
     if (typeof this.opts.getToken === "function") {
       try {
-        return await this.opts.getToken();
+        token = await this.opts.getToken();
       } catch (err) {
         throw new TaskStreamError("auth", `getToken failed: ${err?.message ?? err}`);
       }
     }
-    return this.opts.token;
+    const expiresAt = this.opts.tokenExpiresAt ?? jwtExpiresAt;
+    const at = callSafely(expiresAt, token);
+    this.tokenExpiresAt = typeof at === "number" && Number.isFinite(at) ? at : null;
+    return token;
+  }
+
+  /** POST /api/v1/sse/tickets: a one-use ticket for the next EventSource URL. */
+  async ticket(token) {
+    const body = this.mode === "single" ? { task_id: this.ids[0] } : { task_ids: this.ids };
+    let response;
+    try {
+      response = await this.fetch(`${this.baseUrl}/api/v1/sse/tickets`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        cache: "no-store",
+        credentials: this.opts.withCredentials ? "include" : "same-origin",
+        signal: this.abort.signal,
+      });
+    } catch (err) {
+      throw new Unusable(`ticket request failed: ${err?.message ?? err}`);
+    }
+    if (response.status === 200) {
+      const answer = await response.json().catch(() => null);
+      if (answer && typeof answer.ticket === "string") return answer.ticket;
+      throw new Unusable("ticket answer without a ticket");
+    }
+    await this.raiseForFatal(response);
+    throw new Unusable(`ticket request answered ${response.status}`);
   }
 
   streamPath() {
@@ -367,9 +507,12 @@ class Watch {
   async eventSourceUrl(resume) {
     const [path, params] = this.streamPath();
     const query = new URLSearchParams(params);
-    query.set("access_token", await this.token());
+    const token = await this.token();
+    if (this.opts.tickets) query.set("ticket", await this.ticket(token));
+    else query.set("access_token", token);
     // A new EventSource cannot set Last-Event-ID; the server also reads `lastEventId`.
-    if (resume && this.lastEventId) query.set("lastEventId", this.lastEventId);
+    const from = this.resumeId();
+    if (resume && from) query.set("lastEventId", from);
     return `${this.baseUrl}${path}?${query}`;
   }
 
@@ -417,6 +560,12 @@ class Watch {
   /**
    * Native EventSource. Resolves when the watch ends; rejects with Unusable when it fails before
    * it ever worked (first connection: before its first event; a reopened one: before it opens).
+   *
+   * A token refresh (and a return online) is make-before-break: the new EventSource opens with
+   * the fresh credentials, resuming from the last versions, while the old one keeps delivering;
+   * the old one is closed when the new one has opened. Versions seen twice are dropped.
+   * EventSource cannot see the server's heartbeat comments, so a stalled connection is noticed
+   * only by the browser itself or by an `online` event: the fetch transport watches heartbeats.
    */
   runEventSource() {
     const ES = this.EventSource;
@@ -427,16 +576,18 @@ class Watch {
       const stop = () => resolve();
       this.abort.signal.addEventListener("abort", stop);
 
-      const open = async (resume) => {
+      const open = async (resume, handover = null) => {
         let url;
         try {
           url = await this.eventSourceUrl(resume);
         } catch (err) {
-          reject(err);
+          // A refresh that cannot get credentials leaves the old stream to run to its end.
+          if (handover === null) reject(err);
           return;
         }
-        if (this.closed) return;
+        if (this.closed || (handover !== null && this.es !== handover)) return;
         const es = new ES(url, { withCredentials: this.opts.withCredentials });
+        if (handover !== null) this.retiring = handover;
         this.es = es;
         let opened = false;
         let firstTimer = null;
@@ -447,8 +598,16 @@ class Watch {
           }, this.opts.firstEventTimeout);
         }
         const onEvent = (type) => (ev) => {
+          if (this.retiring === es) {
+            // Replaced but not yet closed: its changes still count; its end does not.
+            if (type !== "error") this.handle(type, ev.data, ev.lastEventId);
+            return;
+          }
           if (this.es !== es) return;
-          proven = true;
+          if (!proven) {
+            proven = true;
+            this.scheduleRefresh();
+          }
           reopenAttempt = 0;
           clearTimeout(firstTimer);
           this.setStatus("live");
@@ -460,17 +619,38 @@ class Watch {
         es.addEventListener("open", () => {
           if (this.es !== es) return;
           opened = true;
+          if (handover !== null && this.retiring === handover) {
+            handover.close();
+            this.retiring = null;
+          }
           if (resume) {
             proven = true;
             reopenAttempt = 0;
           }
-          if (proven) this.setStatus("live");
+          if (proven) {
+            this.setStatus("live");
+            this.scheduleRefresh();
+          }
         });
         es.addEventListener("error", (ev) => {
-          if (this.es !== es || this.closed) return;
+          if (this.closed) return;
+          if (this.retiring === es) {
+            // The replaced stream ended (its token ran out) before its successor opened.
+            es.close();
+            this.retiring = null;
+            return;
+          }
+          if (this.es !== es) return;
           if (typeof ev.data === "string") {
             // The server's own `event: error` (task not found), not a connection problem.
             onEvent("error")(ev);
+            return;
+          }
+          if (handover !== null && !opened && this.retiring === handover) {
+            // The replacement could not open: the old stream runs on until its token's end.
+            es.close();
+            this.es = handover;
+            this.retiring = null;
             return;
           }
           if (!proven) {
@@ -480,7 +660,7 @@ class Watch {
           if (this.finishIfTerminalSeen()) return;
           if (es.readyState !== ES.CLOSED) {
             // Transient: the browser reconnects by itself, sending Last-Event-ID. Let it.
-            this.setStatus("reconnecting");
+            this.setStatus("reconnecting", "network");
             return;
           }
           // The browser gave up (an HTTP error such as an expired token in the URL). Open a new
@@ -488,7 +668,7 @@ class Watch {
           // fall through to fetch, which can see the HTTP status and tell a fatal error.
           es.close();
           this.es = null;
-          this.setStatus("reconnecting");
+          this.setStatus("reconnecting", "server_closed");
           if (resume && !opened) {
             reject(new Unusable("reopened EventSource failed"));
             return;
@@ -508,10 +688,27 @@ class Watch {
           if (!this.closed) open(true);
         });
       };
+      this.rotate = () => {
+        if (this.es && !this.retiring) open(true, this.es);
+      };
+      this.kick = () => {
+        // Back online: an open EventSource may sit on a dead connection; replace it (make before
+        // break). One that is between attempts is reopened now rather than after its delay.
+        if (!this.es || this.retiring) return;
+        if (this.es.readyState === ES.OPEN) {
+          open(true, this.es);
+          return;
+        }
+        this.es.close();
+        this.es = null;
+        open(true);
+      };
 
       const giveUp = (es, why) => {
         es.close();
         if (this.es === es) this.es = null;
+        this.rotate = null;
+        this.kick = null;
         this.abort.signal.removeEventListener("abort", stop);
         reject(new Unusable(why));
       };
@@ -520,7 +717,13 @@ class Watch {
     });
   }
 
-  /** fetch() streaming with an Authorization header; SSE parsed by SSEParser. */
+  /**
+   * fetch() streaming with an Authorization header; SSE parsed by SSEParser. A stream silent for
+   * `idleTimeout` ms (the server sends a heartbeat comment every TASKSTREAM_HEARTBEAT seconds)
+   * is dead: a machine that slept, a stalled proxy. It is dropped and the watch resumes.
+   * A token refresh is make-before-break, as for EventSource: the old response is read until
+   * the new one has answered 200.
+   */
   async runFetch() {
     if (typeof this.fetch !== "function" || typeof TextDecoder !== "function") {
       throw new Unusable("no fetch streaming");
@@ -529,40 +732,80 @@ class Watch {
     let attempt = 0;
     let retryMs = 3000;
     let refreshed = false;
-    while (!this.closed) {
+    let current = null; // the controller of the response being read
+    let next = null; // a response opened by a refresh, waiting to be read
+    let rotating = false;
+    this.rotate = async () => {
+      if (rotating || this.closed || current === null) return;
+      rotating = true;
       const controller = new AbortController();
       const onAbort = () => controller.abort();
       this.abort.signal.addEventListener("abort", onAbort);
-      let wait;
       try {
-        const [path, params] = this.streamPath();
-        const query = new URLSearchParams(params).toString();
-        const extra = { Accept: "text/event-stream" };
-        if (this.lastEventId) extra["Last-Event-ID"] = this.lastEventId;
-        const headers = await this.fetchHeaders(extra);
-        let response;
-        try {
-          response = await this.fetch(
-            `${this.baseUrl}${path}${query ? `?${query}` : ""}`,
-            this.fetchInit(headers, controller.signal),
-          );
-        } catch (err) {
-          if (this.closed) return;
-          if (!proven) throw new Unusable(`fetch failed: ${err?.message ?? err}`);
-          this.setStatus("reconnecting");
-          wait = backoff(attempt++);
-          continue;
+        const response = await this.openFetchStream(controller.signal);
+        if (this.closed || current === null || !isEventStream(response)) {
+          controller.abort();
+          return;
         }
-        const type = response.headers.get("Content-Type") ?? "";
-        if (response.status === 200 && type.startsWith("text/event-stream") && response.body) {
-          proven = true;
+        next = { response, controller, onAbort };
+        current.abort("handover");
+      } catch {
+        // The old stream runs on to its token's end; the ordinary path takes it from there.
+        controller.abort();
+      } finally {
+        rotating = false;
+        if (next?.controller !== controller) this.abort.signal.removeEventListener("abort", onAbort);
+      }
+    };
+    this.kick = (why) => {
+      // Back online: the stream may sit on a dead connection; refresh it (make before break).
+      // Between attempts, skip the rest of the back-off.
+      if (current !== null) this.rotate?.();
+      else this.wake?.abort(why);
+    };
+    while (!this.closed) {
+      let controller;
+      let onAbort;
+      let wait;
+      let response;
+      try {
+        if (next !== null) {
+          ({ response, controller, onAbort } = next);
+          next = null;
+        } else {
+          controller = new AbortController();
+          onAbort = () => controller.abort();
+          this.abort.signal.addEventListener("abort", onAbort);
+          try {
+            response = await this.openFetchStream(controller.signal);
+          } catch (err) {
+            if (err instanceof TaskStreamError) throw err;
+            if (this.closed) return;
+            if (!proven) throw new Unusable(`fetch failed: ${err?.message ?? err}`);
+            this.setStatus("reconnecting", "network");
+            wait = backoff(attempt++);
+            continue;
+          }
+        }
+        if (isEventStream(response)) {
+          if (!proven) {
+            proven = true;
+            this.scheduleRefresh();
+          }
           attempt = 0;
           refreshed = false;
           this.setStatus("live");
-          retryMs = await this.readStream(response.body, controller, retryMs);
+          current = controller;
+          const ended = await this.readStream(response.body, controller, retryMs);
+          current = null;
+          retryMs = ended.retryMs;
           if (this.closed) return;
+          if (ended.why === "handover" && next !== null) {
+            this.scheduleRefresh();
+            continue;
+          }
           if (this.finishIfTerminalSeen()) return;
-          this.setStatus("reconnecting");
+          this.setStatus("reconnecting", ended.why);
           wait = jitter(retryMs);
           continue;
         }
@@ -577,23 +820,55 @@ class Watch {
         }
         await this.raiseForFatal(response);
         if (!proven) throw new Unusable(`stream answered ${response.status}`);
-        this.setStatus("reconnecting");
+        this.setStatus("reconnecting", "server_closed");
         wait = retryAfterMs(response, backoff(attempt++));
       } finally {
         this.abort.signal.removeEventListener("abort", onAbort);
-        if (wait !== undefined) await sleep(wait, this.abort.signal);
+        if (wait !== undefined && !this.closed) {
+          // An `online` event ends the wait early (kick).
+          this.wake = new AbortController();
+          const both = () => this.wake.abort();
+          this.abort.signal.addEventListener("abort", both);
+          await sleep(wait, this.wake.signal);
+          this.abort.signal.removeEventListener("abort", both);
+          this.wake = null;
+        }
       }
     }
   }
 
+  /** One stream request, resuming from the versions delivered so far. */
+  async openFetchStream(signal) {
+    const [path, params] = this.streamPath();
+    const query = new URLSearchParams(params).toString();
+    const extra = { Accept: "text/event-stream" };
+    const from = this.resumeId();
+    if (from) extra["Last-Event-ID"] = from;
+    const headers = await this.fetchHeaders(extra);
+    return this.fetch(
+      `${this.baseUrl}${path}${query ? `?${query}` : ""}`,
+      this.fetchInit(headers, signal),
+    );
+  }
+
+  /**
+   * Read one response until it ends. Returns `{ retryMs, why }`: why is "server_closed" (the
+   * body ended), "heartbeat" (silent for idleTimeout ms), "handover" (a refresh replaced it) or
+   * "network".
+   */
   async readStream(body, controller, retryMs) {
     const reader = body.getReader();
     const decoder = new TextDecoder();
     let idle = null;
+    let why = "network";
     const arm = () => {
       clearTimeout(idle);
-      // Heartbeats come at least every 45 s; silence for longer means a dead connection.
-      idle = setTimeout(() => controller.abort(), this.opts.idleTimeout);
+      // Heartbeats come every TASKSTREAM_HEARTBEAT seconds: silence for longer than idleTimeout
+      // means a dead connection, even one the operating system still calls open.
+      idle = setTimeout(() => {
+        why = "heartbeat";
+        controller.abort();
+      }, this.opts.idleTimeout);
     };
     const parser = new SSEParser(
       (ev) => this.handle(ev.type, ev.data, ev.id),
@@ -605,18 +880,20 @@ class Watch {
     try {
       for (;;) {
         const { done, value } = await reader.read();
+        if (done) why = "server_closed";
         if (done || this.closed) break;
         arm();
         parser.push(decoder.decode(value, { stream: true }));
       }
     } catch {
       // Network error or our own abort: the caller decides what comes next.
+      if (controller.signal.reason === "handover") why = "handover";
     } finally {
       clearTimeout(idle);
       parser.end();
       reader.cancel().catch(() => {});
     }
-    return retryMs;
+    return { retryMs, why };
   }
 
   /** Throws TaskStreamError for answers that no retry can cure. */
@@ -637,6 +914,8 @@ class Watch {
   /** Polling: long polling for one task, conditional GETs in rounds for several. */
   async runPoll() {
     if (typeof this.fetch !== "function") throw new Unusable("no fetch");
+    this.rotate = null; // each poll sends a fresh token anyway
+    this.kick = null;
     this.setStatus("polling");
     const etags = new Map();
     let attempt = 0;
@@ -663,7 +942,7 @@ class Watch {
           refreshed = true;
           continue;
         }
-        this.setStatus("reconnecting");
+        this.setStatus("reconnecting", "network");
         await sleep(trouble.wait ?? backoff(attempt++), this.abort.signal);
         continue;
       }

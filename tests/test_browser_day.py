@@ -1,0 +1,361 @@
+"""The JS client through a real day, in Chromium: tokens that expire mid-stream, offline and back,
+a connection that stalls the way a sleeping laptop's does. Every test checks versions: each one
+delivered exactly once, in order, none missing.
+
+Tokens here live two or three seconds and the server's JWT leeway is zero, so a stream of a few
+seconds crosses several expiries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from playwright.async_api import Browser
+
+from server.demo import DEMO_USER
+from tests.conftest import LiveServer, create_task
+from tests.test_browser import PageWatcher, browser, page_for  # noqa: F401 - browser is a fixture
+
+# Starts a watch (or several) in the page; records each callback with its arguments.
+START = """async ([fn, ids, extra]) => {
+  const mod = await import("/static/taskstream.js");
+  window.__log = window.__log ?? [];
+  const log = (kind) => (value, detail) => window.__log.push([kind, value instanceof Error
+    ? { kind: value.kind, message: value.message } : value, detail ?? null]);
+  const options = {
+    getToken: () => window.nextToken(),
+    onProgress: log("progress"), onComplete: log("complete"), onError: log("error"),
+    onStatus: (status, detail) => window.__log.push(["status", status, detail.reason]),
+    onReady: log("ready"), onAllDone: log("done"),
+    ...extra,
+  };
+  window.__handle = fn === "watchTasks"
+    ? mod.watchTasks(ids, options) : mod.watchTask(ids[0], options);
+}"""
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"demo": True, "retry_ms": 300}
+
+
+@pytest.fixture
+async def web(browser: Browser, server: LiveServer) -> AsyncIterator[PageWatcher]:  # noqa: F811
+    async with page_for(browser, server) as watcher:
+        yield watcher
+
+
+async def log_of(web: PageWatcher, kind: str) -> list[Any]:
+    entries: list[list[Any]] = await web.page.evaluate("window.__log ?? []")
+    return [e[1:] if kind == "status" else e[1] for e in entries if e[0] == kind]
+
+
+async def versions_seen(web: PageWatcher, task_id: str | None = None) -> list[int]:
+    return [
+        p["version"]
+        for p in await log_of(web, "progress")
+        if task_id is None or p["task_id"] == task_id
+    ]
+
+
+async def wait_until(check: Callable[[], Any], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+async def bump(sql: asyncpg.Connection, task_id: str) -> int:
+    version: int = await sql.fetchval(
+        "UPDATE taskstream.tasks SET state = 'running', progress = progress + 1"
+        " WHERE id = $1 RETURNING version",
+        task_id,
+    )
+    return version
+
+
+def short_tokens(server: LiveServer, ttl: int) -> Callable[[], str]:
+    server.runtime.verifier.leeway = 0  # a token of `ttl` seconds ends its stream on time
+    issued: list[str] = []
+
+    def next_token() -> str:
+        issued.append(server.token(DEMO_USER, ttl=ttl))
+        return issued[-1]
+
+    next_token.issued = issued  # type: ignore[attr-defined]
+    return next_token
+
+
+def assert_each_version_once(seen: list[int], first: int, last: int) -> None:
+    assert seen == list(range(first, last + 1)), f"missed or repeated: {seen}"
+
+
+# ---- 1. token refresh -------------------------------------------------------------------------
+
+TRANSPORTS = pytest.mark.parametrize(
+    "extra",
+    [
+        {"transports": ["eventsource"]},
+        {"transports": ["fetch"]},
+        {"transports": ["eventsource"], "tickets": True},
+    ],
+    ids=["eventsource", "fetch", "ticket"],
+)
+
+
+@TRANSPORTS
+async def test_stream_ended_by_token_expiry_resumes_with_every_version(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, extra: dict[str, Any]
+) -> None:
+    """No refresh ahead: the server ends the stream at each expiry (2 s tokens, 7 s of changes)
+    and the client comes back with a fresh token, resuming from the last version it delivered.
+    The writer waits for each version to arrive before the next, as the server conflates what a
+    client has not taken yet: so every version must arrive, exactly once."""
+    tokens = short_tokens(server, ttl=2)
+    await web.page.expose_function("nextToken", tokens)
+    await create_task(sql, "exp", owner=DEMO_USER, state="queued", progress=0.0)
+    await web.open()
+    await web.page.evaluate(START, ["watchTask", ["exp"], {**extra, "refreshAhead": 0}])
+    await wait_until(lambda: versions_seen(web), "the snapshot")
+    last = 1
+    started = time.monotonic()
+    while time.monotonic() - started < 7:
+        last = await bump(sql, "exp")
+        await wait_until(
+            lambda v=last: _has(web, v), f"version {last}", timeout=10
+        )
+        await asyncio.sleep(0.1)
+    await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'exp'")
+    await wait_until(lambda: log_of(web, "complete"), "complete")
+    assert_each_version_once(await versions_seen(web), 1, last + 1)
+    statuses = await log_of(web, "status")
+    expiries = [s for s in statuses if s == ["reconnecting", "token_expired"]]
+    assert len(expiries) >= 2, statuses
+    assert await log_of(web, "error") == []
+    assert statuses[-1] == ["closed", "complete"]
+    streams = web.stream_requests("/api/v1/sse/tasks/exp/progress")
+    assert len(streams) >= 3, streams
+    if extra.get("tickets"):
+        assert all("ticket=" in u and "access_token" not in u for u in streams), streams
+        assert len(web.stream_requests("/api/v1/sse/tickets")) == len(streams)
+
+
+async def _has(web: PageWatcher, version: int) -> bool:
+    return version in await versions_seen(web)
+
+
+@TRANSPORTS
+async def test_refresh_before_expiry_never_waits_on_an_ending(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, extra: dict[str, Any]
+) -> None:
+    """With refresh ahead (the default), a new stream with a fresh token opens before the old
+    token runs out, and the old one closes once the new one is open. A writer that does not wait
+    for the client (a change every 120 ms for 8 s, through three or more 3 s tokens) still has
+    every version delivered once: no ending, no reconnect, no gap for changes to merge in."""
+    tokens = short_tokens(server, ttl=3)
+    await web.page.expose_function("nextToken", tokens)
+    await create_task(sql, "ahead", owner=DEMO_USER, state="queued", progress=0.0)
+    await web.open()
+    await web.page.evaluate(START, ["watchTask", ["ahead"], extra])
+    await wait_until(lambda: versions_seen(web), "the snapshot")
+    last = 1
+    started = time.monotonic()
+    while time.monotonic() - started < 8:
+        last = await bump(sql, "ahead")
+        await asyncio.sleep(0.12)
+    await wait_until(lambda v=last: _has(web, v), f"version {last}")
+    await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'ahead'")
+    await wait_until(lambda: log_of(web, "complete"), "complete")
+    assert_each_version_once(await versions_seen(web), 1, last + 1)
+    statuses = await log_of(web, "status")
+    assert statuses == [["connecting", None], ["live", None], ["closed", "complete"]], statuses
+    streams = web.stream_requests("/api/v1/sse/tasks/ahead/progress")
+    assert len(streams) >= 3, streams
+    assert len(tokens.issued) >= 3  # type: ignore[attr-defined]
+    # Never two streams for long: each old one closed once its successor was open.
+    await wait_until(
+        lambda: _zero(server.runtime.broker.subscriber_count), "streams closed after complete"
+    )
+
+
+async def _zero(n: int) -> bool:
+    return n == 0
+
+
+async def test_watch_tasks_refresh_resumes_each_task_from_its_version(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    """The multi-task stream over three 3 s tokens, both refresh paths at once: ahead for fetch
+    (positional resume id computed from the versions delivered), and by expiry for the stream
+    that could not refresh in time is covered by the single-task tests."""
+    tokens = short_tokens(server, ttl=3)
+    await web.page.expose_function("nextToken", tokens)
+    for tid in ("ma", "mb"):
+        await create_task(sql, tid, owner=DEMO_USER, state="queued", progress=0.0)
+    await web.open()
+    await web.page.evaluate(START, ["watchTasks", ["ma", "mb"], {"transports": ["fetch"]}])
+    await wait_until(lambda: log_of(web, "ready"), "ready")
+    last = {"ma": 1, "mb": 1}
+    started = time.monotonic()
+    while time.monotonic() - started < 8:
+        for tid in last:
+            last[tid] = await bump(sql, tid)
+        await asyncio.sleep(0.15)
+    for tid in last:
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = $1", tid)
+    await wait_until(lambda: log_of(web, "done"), "all done")
+    for tid, v in last.items():
+        assert_each_version_once(await versions_seen(web, tid), 1, v + 1)
+    assert len(web.stream_requests("/api/v1/sse/tasks?ids=")) >= 3
+    assert "reconnecting" not in [s[0] for s in await log_of(web, "status")]
+
+
+# ---- 3. offline, a stalled connection ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["eventsource", "fetch"])
+async def test_offline_then_online_resumes_without_a_gap(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, transport: str
+) -> None:
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await create_task(sql, "off", owner=DEMO_USER, state="queued", progress=0.0)
+    await web.open()
+    await web.page.evaluate(START, ["watchTask", ["off"], {"transports": [transport]}])
+    await wait_until(lambda: versions_seen(web), "the snapshot")
+    await web.page.context.set_offline(True)
+    await wait_until(
+        lambda: _status_is(web, ["reconnecting", "offline"]), "offline shown", timeout=5
+    )
+    for _ in range(3):
+        await bump(sql, "off")
+    await asyncio.sleep(1)
+    await web.page.context.set_offline(False)
+    await wait_until(lambda: _has(web, 4), "the state written while offline")
+    last = await bump(sql, "off")
+    await wait_until(lambda: _has(web, last), "a change after coming back")
+    seen = await versions_seen(web)
+    # Offline, changes merge (the server keeps the latest); none repeats, none goes back.
+    assert seen == sorted(set(seen)) and seen[0] == 1 and seen[-1] == last, seen
+    assert (await log_of(web, "status"))[-1][0] == "live"
+    await web.page.evaluate("window.__handle.close()")
+
+
+async def _status_is(web: PageWatcher, want: list[Any]) -> bool:
+    statuses = await log_of(web, "status")
+    return bool(statuses) and statuses[-1] == want
+
+
+class StallingProxy:
+    """A TCP proxy on 127.0.0.1 that can freeze its open connections: no byte moves either way
+    and no socket closes, as with a laptop that slept. New connections pass normally."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen: list[asyncio.Event] = []
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.connections = 0
+
+    async def __aenter__(self) -> StallingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def freeze(self) -> None:
+        for flowing in self.frozen:
+            flowing.clear()
+        self.frozen = []  # connections opened from now on flow
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        flowing = asyncio.Event()
+        flowing.set()
+        self.frozen.append(flowing)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    await flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self.tasks.discard(task)
+            for w in (writer, up_writer):
+                w.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("settings_overrides", [{"demo": True, "heartbeat": 0.5}])
+async def test_stalled_connection_is_noticed_by_the_missing_heartbeat(
+    browser: Browser,  # noqa: F811
+    sql: asyncpg.Connection,
+    server: LiveServer,
+) -> None:
+    """The page talks to the server through a proxy that then freezes the stream's connection:
+    the socket stays open, nothing arrives, not even the heartbeat (every 0.5 s here). The client
+    drops it after idleTimeout (2 s) and resumes on a new connection from its last version."""
+    async with StallingProxy(int(server.url.rsplit(":", 1)[1])) as proxy:
+        origin = f"http://127.0.0.1:{proxy.port}"
+        async with page_for(browser, server) as web:
+            await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+            await create_task(sql, "nap", owner=DEMO_USER, state="queued", progress=0.0)
+            await web.page.goto(f"{origin}/")
+            await web.page.evaluate(
+                START, ["watchTask", ["nap"], {"transports": ["fetch"], "idleTimeout": 2000}]
+            )
+            await wait_until(lambda: versions_seen(web), "the snapshot")
+            await bump(sql, "nap")
+            await wait_until(lambda: _has(web, 2), "version 2")
+            proxy.freeze()
+            frozen_at = time.monotonic()
+            await bump(sql, "nap")
+            await bump(sql, "nap")
+            await wait_until(
+                lambda: _saw_status(web, ["reconnecting", "heartbeat"]),
+                "a stall noticed",
+                timeout=8,
+            )
+            noticed = time.monotonic() - frozen_at
+            await wait_until(lambda: _has(web, 4), "the latest state after the stall")
+            last = await bump(sql, "nap")
+            await wait_until(lambda: _has(web, last), "live again")
+            seen = await versions_seen(web)
+            assert seen == sorted(set(seen)) and seen[:2] == [1, 2] and seen[-1] == last, seen
+            assert 1.5 < noticed < 6, noticed
+            await web.page.evaluate("window.__handle.close()")
+            print(f"stall noticed after {noticed:.1f}s")
+
+
+async def _saw_status(web: PageWatcher, want: list[Any]) -> bool:
+    return want in await log_of(web, "status")
+
