@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -359,3 +360,160 @@ async def test_stalled_connection_is_noticed_by_the_missing_heartbeat(
 async def _saw_status(web: PageWatcher, want: list[Any]) -> bool:
     return want in await log_of(web, "status")
 
+
+
+# ---- 4. the React hook ------------------------------------------------------------------------
+
+HOOK_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8">
+<script src="/vendor/react.production.min.js"></script>
+<script src="/vendor/react-dom.production.min.js"></script>
+<script type="importmap">{"imports": {"react": "/vendor/react-shim.js"}}</script>
+<script type="module">
+  import { createElement as h, useState } from "react";
+  import { useTaskProgress } from "/static/react.js";
+  const params = new URLSearchParams(location.search);
+  const options = JSON.parse(params.get("options") || "{}");
+  window.__renders = [];
+  function View({ taskId }) {
+    const s = useTaskProgress(taskId, () => window.nextToken(), options);
+    window.__renders.push({ version: s.progress?.version ?? null, state: s.progress?.state ?? null,
+      ready: s.ready, status: s.status, reason: s.reason, transport: s.transport,
+      isComplete: s.isComplete, result: s.result?.state ?? null, error: s.error });
+    window.cancelTask = () => s.cancel().then((t) => ({ ok: t.state }),
+      (e) => ({ kind: e.kind, status: e.status, message: e.message }));
+    return h("pre", { id: "out" }, JSON.stringify(window.__renders.at(-1)));
+  }
+  function App() {
+    const [shown, setShown] = useState(true);
+    window.unmount = () => setShown(false);
+    return shown ? h(View, { taskId: params.get("task") }) : null;
+  }
+  ReactDOM.createRoot(document.getElementById("root")).render(h(App));
+</script></head><body><div id="root"></div></body></html>
+"""
+
+HOOK_SHIM = (
+    "export const { createElement, useCallback, useEffect, useRef, useState } = window.React;\n"
+    "export default window.React;\n"
+)
+
+
+async def open_hook_page(
+    web: PageWatcher, server: LiveServer, task_id: str, options: dict[str, Any] | None = None
+) -> None:
+    from urllib.parse import urlencode
+
+    from tests.test_browser import NODE_MODULES
+
+    umd = {
+        "react.production.min.js": NODE_MODULES / "react/umd/react.production.min.js",
+        "react-dom.production.min.js": NODE_MODULES / "react-dom/umd/react-dom.production.min.js",
+    }
+    for path in umd.values():
+        assert path.exists(), f"{path} missing: run scripts/setup-browser.sh"
+
+    async def serve(route: Any) -> None:
+        name = route.request.url.rsplit("/", 1)[-1].split("?")[0]
+        if name == "hook.html":
+            await route.fulfill(status=200, content_type="text/html", body=HOOK_PAGE)
+        elif name == "react-shim.js":
+            await route.fulfill(status=200, content_type="text/javascript", body=HOOK_SHIM)
+        else:
+            await route.fulfill(status=200, content_type="text/javascript", body=umd[name].read_text())
+
+    await web.page.route("**/hook.html*", serve)
+    await web.page.route("**/vendor/*", serve)
+    query = urlencode({"task": task_id, "options": json.dumps(options or {})})
+    await web.page.goto(f"{server.url}/hook.html?{query}")
+
+
+async def renders(web: PageWatcher) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = await web.page.evaluate("window.__renders")
+    return out
+
+
+async def rendered_versions(web: PageWatcher) -> list[int]:
+    seen: list[int] = []
+    for r in await renders(web):
+        if r["version"] is not None and (not seen or seen[-1] != r["version"]):
+            seen.append(r["version"])
+    return seen
+
+
+async def _rendered(web: PageWatcher, version: int) -> bool:
+    return version in await rendered_versions(web)
+
+
+@pytest.mark.parametrize("refresh_ahead", [0, 10000], ids=["on-expiry", "ahead"])
+async def test_hook_runs_through_token_expiries_with_every_version(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, refresh_ahead: int
+) -> None:
+    await web.page.expose_function("nextToken", short_tokens(server, ttl=2))
+    await create_task(sql, "hk", owner=DEMO_USER, state="queued", progress=0.0)
+    await open_hook_page(web, server, "hk", {"refreshAhead": refresh_ahead})
+    await wait_until(lambda: _rendered(web, 1), "the snapshot")
+    last = 1
+    started = time.monotonic()
+    while time.monotonic() - started < 6:
+        last = await bump(sql, "hk")
+        await wait_until(lambda v=last: _rendered(web, v), f"version {last}")
+        await asyncio.sleep(0.1)
+    await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'hk'")
+    await wait_until(lambda: _last_render_has(web, isComplete=True, status="closed"), "closed")
+    assert_each_version_once(await rendered_versions(web), 1, last + 1)
+    reasons = [(r["status"], r["reason"]) for r in await renders(web)]
+    if refresh_ahead:
+        assert ("reconnecting", "token_expired") not in reasons, reasons
+    else:
+        assert ("reconnecting", "token_expired") in reasons, reasons
+    assert (await renders(web))[-1]["reason"] == "complete"
+    assert len(web.stream_requests("/api/v1/sse/tasks/hk/progress")) >= 3
+
+
+async def _last_render_has(web: PageWatcher, **want: Any) -> bool:
+    rs = await renders(web)
+    return bool(rs) and all(rs[-1][k] == v for k, v in want.items())
+
+
+async def test_hook_ready_status_cancel_and_no_request_after_the_end(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await create_task(sql, "hc", owner=DEMO_USER, state="running", progress=5.0)
+    await open_hook_page(web, server, "hc")
+    await wait_until(lambda: _last_render_has(web, ready=True), "ready")
+    # The change written the moment `ready` shows must arrive: nothing falls in between.
+    await bump(sql, "hc")
+    await wait_until(lambda: _rendered(web, 2), "the change right after ready")
+    rs = await renders(web)
+    first_ready = next(i for i, r in enumerate(rs) if r["ready"])
+    assert all(r["version"] is None for r in rs[:first_ready] if not r["ready"])
+    assert rs[first_ready]["version"] == 1 and rs[first_ready]["status"] == "live", rs
+    assert rs[0]["status"] == "connecting" and rs[0]["ready"] is False
+
+    assert await web.page.evaluate("window.cancelTask()") == {"ok": "cancelled"}
+    await wait_until(lambda: _last_render_has(web, status="closed"), "closed")
+    last = (await renders(web))[-1]
+    assert last["isComplete"] and last["result"] == "cancelled" and last["reason"] == "complete"
+    assert await rendered_versions(web) == [1, 2, 3]
+    requests_at_end = len(web.requests)
+    again = await web.page.evaluate("window.cancelTask()")
+    assert again == {"kind": "server", "status": 409, "message": "Task is finished"}
+    await asyncio.sleep(2)  # retry is 300 ms here: a reconnect or a poll would show
+    assert web.requests[requests_at_end:] == [f"{server.url}/api/v1/tasks/hc/cancel"]
+    assert server.runtime.broker.subscriber_count == 0
+
+
+async def test_hook_reports_the_polling_fallback(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer
+) -> None:
+    await web.page.route("**/api/v1/sse/**", lambda route: route.abort())
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await create_task(sql, "hp", owner=DEMO_USER, state="queued", progress=0.0)
+    await open_hook_page(web, server, "hp")
+    await wait_until(lambda: _last_render_has(web, status="polling", ready=True), "polling")
+    await bump(sql, "hp")
+    await wait_until(lambda: _rendered(web, 2), "a change by long poll")
+    assert (await renders(web))[-1]["transport"] == "poll"
+    await web.page.evaluate("window.unmount()")

@@ -4,12 +4,19 @@ import type {
   TaskProgress,
   TaskStreamError,
   ConnectionStatus,
+  StatusReason,
+  Transport,
   WatchOptionsBase,
 } from "./taskstream.js";
 
 export interface TaskProgressState {
   /** The latest progress, or null before the first event. */
   progress: TaskProgress | null;
+  /**
+   * True once the task's snapshot is in hand on a connection that delivers every later change:
+   * nothing can fall between the snapshot and the live changes. Stays true across reconnects.
+   */
+  ready: boolean;
   /** True once the task reached a terminal state (see result.state for which). */
   isComplete: boolean;
   result: TaskComplete | null;
@@ -17,11 +24,20 @@ export interface TaskProgressState {
   error: string | null;
   errorKind: TaskStreamError["kind"] | null;
   status: ConnectionStatus;
+  /** Why status last changed (e.g. "token_expired", "offline", "heartbeat", "complete"). */
+  reason: StatusReason | null;
+  transport: Transport | null;
+  /**
+   * POST /api/v1/tasks/{id}/cancel with the current token. Resolves with the cancelled task;
+   * rejects with a TaskStreamError (status 409 when it had already finished). The stream then
+   * delivers the `cancelled` state and closes.
+   */
+  cancel: () => Promise<Record<string, unknown>>;
 }
 
 export type UseTaskProgressOptions = Omit<
   WatchOptionsBase,
-  "token" | "getToken" | "onProgress" | "onStatus"
+  "token" | "getToken" | "onProgress" | "onStatus" | "onReady"
 >;
 
 /**

@@ -8,30 +8,36 @@
 //         "react": "/vendor/react.js",
 //         "taskstream/react": "/static/react.js" } }</script>
 //     where /vendor/react.js is your ES module build of React (or a one-line shim that re-exports
-//     the UMD global: `export const { useEffect, useRef, useState } = window.React;`).
+//     the UMD global: `export const { useCallback, useEffect, useRef, useState } = window.React;`).
 // Both ways, the hook runs on the application's own React instance, as hooks must.
 //
-//   const { progress, isComplete, result, error, status } = useTaskProgress(taskId, token);
+//   const { progress, ready, status, reason, isComplete, result, error, cancel } =
+//     useTaskProgress(taskId, getToken);
 //
 // Unlike the design document's example, a connection error does not close the stream: `error` is
 // set only when the watch has ended for good (task not found, authentication refused), and
-// `status` shows "reconnecting" or "polling" meanwhile.
-import { useEffect, useRef, useState } from "react";
-import { watchTask } from "./taskstream.js";
+// `status` shows "reconnecting" or "polling" meanwhile, with `reason` saying why.
+// A terminal state closes the stream: no request is made after it.
+import { useCallback, useEffect, useRef, useState } from "react";
+import { TaskStreamError, watchTask } from "./taskstream.js";
 
 const INITIAL = {
   progress: null,
+  ready: false,
   isComplete: false,
   result: null,
   error: null,
   errorKind: null,
   status: "connecting",
+  reason: null,
+  transport: null,
 };
 
 /**
  * Live progress of one task. `token` is a string or a function returning a (promise of a) token,
  * called before each new connection. `options` are passed to watchTask (baseUrl, transports, …).
- * Returns { progress, isComplete, result, error, errorKind, status }.
+ * Returns { progress, ready, isComplete, result, error, errorKind, status, reason, transport,
+ * cancel }. See react.d.ts.
  */
 export function useTaskProgress(taskId, token, options = {}) {
   const [state, setState] = useState(INITIAL);
@@ -41,6 +47,11 @@ export function useTaskProgress(taskId, token, options = {}) {
   latest.current = { token, options };
   const baseUrl = options.baseUrl ?? "";
   const hasToken = Boolean(token);
+
+  const currentToken = useCallback(() => {
+    const current = latest.current.token;
+    return typeof current === "function" ? current() : current;
+  }, []);
 
   useEffect(() => {
     if (!taskId || !hasToken) {
@@ -52,18 +63,35 @@ export function useTaskProgress(taskId, token, options = {}) {
     const handle = watchTask(taskId, {
       ...watchOptions,
       baseUrl,
-      getToken: () => {
-        const current = latest.current.token;
-        return typeof current === "function" ? current() : current;
-      },
+      getToken: currentToken,
       onProgress: (progress) => setState((s) => ({ ...s, progress })),
+      onReady: () => setState((s) => ({ ...s, ready: true })),
       onComplete: (result) => setState((s) => ({ ...s, isComplete: true, result })),
       onError: (error) => setState((s) => ({ ...s, error: error.message, errorKind: error.kind })),
       onTimeout: (data) => onTimeout?.(data),
-      onStatus: (status) => setState((s) => ({ ...s, status })),
+      onStatus: (status, { transport, reason }) =>
+        setState((s) => ({ ...s, status, reason: reason ?? null, transport })),
     });
     return () => handle.close();
-  }, [taskId, hasToken, baseUrl]);
+  }, [taskId, hasToken, baseUrl, currentToken]);
 
-  return state;
+  const cancel = useCallback(async () => {
+    if (!taskId) throw new TypeError("no task to cancel");
+    const response = await fetch(
+      `${baseUrl.replace(/\/+$/, "")}/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`,
+      {
+        method: "POST",
+        headers: { Authorization: `Bearer ${await currentToken()}` },
+        cache: "no-store",
+      },
+    );
+    const body = await response.json().catch(() => null);
+    if (response.status === 200) return body;
+    // 409: already finished. The stream delivers the final state either way.
+    const message = typeof body?.error === "string" ? body.error : `HTTP ${response.status}`;
+    const kind = response.status === 404 ? "not_found" : response.status === 401 ? "auth" : "server";
+    throw new TaskStreamError(kind, message, { status: response.status, taskId });
+  }, [taskId, baseUrl, currentToken]);
+
+  return { ...state, cancel };
 }

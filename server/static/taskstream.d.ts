@@ -41,6 +41,31 @@ export type ConnectionStatus = "connecting" | "live" | "reconnecting" | "polling
 export type Transport = "eventsource" | "fetch" | "poll";
 
 /**
+ * Why the status changed:
+ * - token_expired: the server ended the stream at the token's expiry (refreshAhead was off or
+ *   too late); the client reconnects with a fresh token and resumes
+ * - offline / online: the browser's network went away / came back
+ * - heartbeat: the fetch stream was silent for idleTimeout ms (a stalled connection)
+ * - network: the connection failed or dropped
+ * - server_closed: the server ended the stream without a final event (restart, proxy)
+ * - complete: every watched task reached a terminal state
+ * - error: a fatal TaskStreamError ended the watch
+ * - timeout: the server's stream timeout, with reconnectOnTimeout off
+ * - closed: close() was called
+ */
+export type StatusReason =
+  | "token_expired"
+  | "offline"
+  | "online"
+  | "heartbeat"
+  | "network"
+  | "server_closed"
+  | "complete"
+  | "error"
+  | "timeout"
+  | "closed";
+
+/**
  * Why a watch (or, in watchTasks, one task of it) ended without `complete`:
  * - not_found: the task does not exist or belongs to another user
  * - auth: the token was refused (and a fresh one from getToken was refused too), getToken threw,
@@ -50,6 +75,11 @@ export type Transport = "eventsource" | "fetch" | "poll";
  * - server: an `error` event this client does not know
  */
 export declare class TaskStreamError extends Error {
+  constructor(
+    kind: TaskStreamError["kind"],
+    message: string,
+    init?: { status?: number | null; taskId?: string | null },
+  );
   readonly name: "TaskStreamError";
   readonly kind: "not_found" | "auth" | "bad_request" | "unavailable" | "server";
   /** The HTTP status when one was seen (the EventSource transport cannot see them). */
@@ -72,7 +102,29 @@ export interface WatchOptionsBase {
   onProgress?: (progress: TaskProgress) => void;
   /** Called when the server's stream timeout is reached; the stream then resumes by itself. */
   onTimeout?: (data: TaskTimeout) => void;
-  onStatus?: (status: ConnectionStatus, detail: { transport: Transport | null }) => void;
+  onStatus?: (
+    status: ConnectionStatus,
+    detail: { transport: Transport | null; reason: StatusReason | null },
+  ) => void;
+  /**
+   * Called once, when the first snapshot of every watched task is in hand on a stream that
+   * delivers each later change (the server subscribes before it reads the snapshot).
+   */
+  onReady?: () => void;
+  /**
+   * Milliseconds before the token's expiry to open a new stream with a fresh token from
+   * getToken (make before break: the old stream is closed once the new one is open). At most a
+   * third of the token's remaining life early. 0 turns it off: the server then ends the stream
+   * at expiry and the client reconnects. Default 10000. Needs getToken.
+   */
+  refreshAhead?: number;
+  /** When a token expires, in ms since the epoch; default: the JWT's `exp` claim. */
+  tokenExpiresAt?: (token: string) => number | null;
+  /**
+   * EventSource URLs carry a single-use ticket (POST /api/v1/sse/tickets, paid for with the
+   * token in an Authorization header) instead of the token itself. Default false.
+   */
+  tickets?: boolean;
   /** Default true: after `timeout`, reconnect and resume. False: end the watch there. */
   reconnectOnTimeout?: boolean;
   /** Send cookies cross-origin (EventSource withCredentials, fetch credentials: "include"). */
@@ -83,7 +135,11 @@ export interface WatchOptionsBase {
   pollInterval?: number;
   /** A first stream that delivers no event within this many ms counts as failed. Default 10000. */
   firstEventTimeout?: number;
-  /** A fetch stream silent (no heartbeat either) this many ms is reconnected. Default 60000. */
+  /**
+   * A fetch stream silent (no heartbeat either) this many ms is dead (a stalled connection, a
+   * machine that slept) and is reconnected. Keep it above the server's TASKSTREAM_HEARTBEAT
+   * (default 15 s). Default 60000.
+   */
   idleTimeout?: number;
   /** An EventSource implementation to use instead of the browser's; null disables it. */
   EventSource?: (new (url: string, init?: { withCredentials?: boolean }) => EventSource) | null;
@@ -112,6 +168,10 @@ export interface WatchHandle {
   close(): void;
   readonly status: ConnectionStatus | null;
   readonly transport: Transport | null;
+  /** Why status last changed. */
+  readonly reason: StatusReason | null;
+  /** True once onReady has been called. */
+  readonly ready: boolean;
   /** The last SSE event id received (the task version, for the single-task stream). */
   readonly lastEventId: string | null;
 }
@@ -123,6 +183,9 @@ export declare function watchTask(taskId: string, options: WatchTaskOptions): Wa
 export declare function watchTasks(taskIds: string[], options: WatchTasksOptions): WatchHandle;
 
 export declare function isTerminal(state: string): state is TerminalState;
+
+/** A JWT's `exp` in ms since the epoch, read without verifying; null for anything else. */
+export declare function jwtExpiresAt(token: string): number | null;
 
 export interface SSEEvent {
   type: string;

@@ -1031,6 +1031,12 @@ class Watch {
       get lastEventId() {
         return watch.lastEventId;
       },
+      get reason() {
+        return watch.reason;
+      },
+      get ready() {
+        return watch.ready;
+      },
     };
   }
 }
@@ -1040,8 +1046,9 @@ class Watch {
  *
  * Options: `token` or `getToken` (called before each new connection), `baseUrl` (default: this
  * origin), `onProgress(progress)`, `onComplete({ task_id, state, error? })`,
- * `onError(TaskStreamError)`, `onTimeout({ message })`, `onStatus(status, { transport })` with
- * status "connecting" | "live" | "reconnecting" | "polling" | "closed". See taskstream.d.ts.
+ * `onError(TaskStreamError)`, `onTimeout({ message })`, `onStatus(status, { transport, reason })`
+ * with status "connecting" | "live" | "reconnecting" | "polling" | "closed", `onReady()`,
+ * `refreshAhead` (ms), `tickets` (bool). See taskstream.d.ts and docs/clients.md.
  */
 export function watchTask(taskId, options) {
   if (typeof taskId !== "string" || taskId === "") {

@@ -8,6 +8,7 @@ import {
   watchTask,
   watchTasks,
   type ConnectionStatus,
+  type StatusReason,
   type TaskComplete,
   type TaskProgress,
   type WatchHandle,
@@ -21,8 +22,13 @@ const handle: WatchHandle = watchTask("task_abc123", {
   onComplete: (c: TaskComplete) => console.log(c.state === "failed" ? c.error : c.state),
   onError: (e: TaskStreamError) => console.log(e.kind, e.status, e.message),
   onTimeout: (t) => console.log(t.message),
-  onStatus: (s: ConnectionStatus, d) => console.log(s, d.transport),
+  onStatus: (s: ConnectionStatus, d) => console.log(s, d.transport, d.reason),
+  onReady: () => console.log("snapshot in hand, changes flowing"),
+  refreshAhead: 5000,
+  tickets: true,
 });
+const why: StatusReason | null = handle.reason;
+console.log(why, handle.ready);
 handle.close();
 const status: ConnectionStatus | null = handle.status;
 
@@ -54,3 +60,8 @@ const state: TaskProgressState = useTaskProgress("task_abc123", () => "token", {
 const percent: number | undefined = state.progress?.progress;
 const done: boolean = state.isComplete;
 console.log(status, percent, done, state.error, state.errorKind, state.status, state.result?.state);
+const ready: boolean = state.ready;
+const reason: StatusReason | null = state.reason;
+void state.cancel().then((task) => console.log(ready, reason, task));
+// @ts-expect-error: onReady belongs to the hook
+useTaskProgress("t", "x", { onReady: () => undefined });
