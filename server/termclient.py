@@ -133,9 +133,33 @@ def _retry_after(response: httpx.Response, default: float) -> float:
         return default
 
 
+TokenSource = Callable[[], str]
+
+
+def token_file(path: str) -> TokenSource:
+    """A token source that reads ``path`` anew before each connection, so whatever renews the
+    token (a sidecar, a cron job, ``taskstream token > file``) is picked up without a restart."""
+
+    def read() -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise TokenUnavailable(f"cannot read the token file {path}: {exc.strerror}") from None
+        if not token:
+            raise TokenUnavailable(f"the token file {path} is empty")
+        return token
+
+    return read
+
+
+class TokenUnavailable(Exception):
+    """The token source cannot give a token (the file is missing or empty)."""
+
+
 async def watch(
     url: str,
-    token: str,
+    token: str | TokenSource,
     task_id: str,
     display: Display,
     *,
@@ -152,19 +176,27 @@ async def watch(
 
 async def _watch(
     url: str,
-    token: str,
+    token: str | TokenSource,
     task_id: str,
     display: Display,
     transport: httpx.AsyncBaseTransport | None,
 ) -> Outcome:
     from httpx_sse import SSEError, aconnect_sse
 
+    # A fixed token that expires ends the watch; a source that is read again gets another chance.
+    renewable = callable(token)
+
     stream_url = f"{url.rstrip('/')}/api/v1/sse/tasks/{quote(task_id, safe='')}/progress"
     st = _WatchState()
     limits = httpx.Timeout(10.0, read=READ_TIMEOUT)
     async with httpx.AsyncClient(timeout=limits, transport=transport) as client:
         while True:
-            headers = {"Authorization": f"Bearer {token}"}
+            renewed = False
+            try:
+                current = token() if callable(token) else token
+            except TokenUnavailable as exc:
+                return Outcome(EXIT_ERROR, f"error: {exc}")
+            headers = {"Authorization": f"Bearer {current}"}
             if st.last_id is not None:
                 headers["Last-Event-ID"] = st.last_id
             delay = st.retry_ms / 1000
@@ -192,6 +224,11 @@ async def _watch(
                         if event.id:
                             st.last_id = event.id
                         outcome = _handle(event.event, event.data, st, display)
+                        if outcome is not None and renewable and _token_expired(event.data):
+                            # The server ended the stream at the token's expiry: read the
+                            # source again and resume from the last version.
+                            st.news = renewed = True
+                            break
                         if outcome is not None:
                             return outcome
                     if not st.news:
@@ -210,8 +247,18 @@ async def _watch(
                         EXIT_ERROR,
                         f"error: cannot reach {url}: {_clean(exc) or type(exc).__name__}",
                     )
-            # The stream ended without a final event (server restart, proxy, network): resume.
-            await asyncio.sleep(st.retry_ms / 1000)
+            # The stream ended without a final event (server restart, proxy, network): resume
+            # after the server's retry delay. A renewed token resumes at once.
+            if not renewed:
+                await asyncio.sleep(st.retry_ms / 1000)
+
+
+def _token_expired(raw: str) -> bool:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("error") == "Token expired"
 
 
 def _final(st: _WatchState) -> Outcome:
@@ -440,9 +487,11 @@ def _run_command(coro_factory: Callable[[], Any]) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    token = _token(args)
+    token: str | TokenSource | None = _token(args)
+    if args.token_file:
+        token = token_file(args.token_file)
     if token is None:
-        print("error: no token (--token or TASKSTREAM_TOKEN; see `taskstream token`)")
+        print("error: no token (--token, --token-file or TASKSTREAM_TOKEN; see `taskstream token`)")
         return EXIT_ERROR
     display = Display(sys.stderr, tty=sys.stderr.isatty())
     started = time.monotonic()
@@ -494,6 +543,13 @@ def add_commands(sub: Any) -> None:
     )
     watch_p.add_argument("task_id")
     _client_options(watch_p, db_option=False)
+    watch_p.add_argument(
+        "--token-file",
+        help=(
+            "read the bearer token from this file before each connection; when the server ends "
+            "the stream because the token expired, the file is read again and the watch resumes"
+        ),
+    )
     watch_p.add_argument(
         "--timeout", type=float, default=None, help="give up (exit 2) after this many seconds"
     )

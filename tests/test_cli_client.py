@@ -4,6 +4,7 @@ real server fixture (and straight against the database)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -180,6 +181,51 @@ async def test_watch_bad_token_exits_2(server: LiveServer, sql: asyncpg.Connecti
     assert r.code == 2 and r.last_line.startswith("error: HTTP 401: "), r
     r = await cli("watch", "t1", "--url", server.url)
     assert r.code == 2 and "no token" in r.last_line, r
+
+
+async def test_watch_token_file_is_read_again_when_the_token_expires(
+    server: LiveServer, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Two 2-second tokens in a row, each renewed in the file while the watch runs: the server
+    ends the stream at each expiry and the watcher resumes with the file's new token, missing no
+    change. A fixed --token that expires is the end (exit 2)."""
+    server.runtime.verifier.leeway = 0
+    await create_task(sql, "t1", state="queued")
+    path = tmp_path / "token"
+
+    async def renew() -> None:
+        # Like a sidecar: a fresh 2-second token in the file every half second.
+        while True:
+            path.write_text(server.token("alice", ttl=2) + "\n")
+            await asyncio.sleep(0.5)
+
+    renewer = asyncio.create_task(renew())
+    try:
+        await asyncio.sleep(0.1)
+        proc = await start_cli("watch", "t1", "--url", server.url, "--token-file", str(path))
+        seen = await first_progress(proc)
+        for percent in (20, 40, 60):
+            await asyncio.sleep(1.5)  # at least one expiry between two changes
+            await sql.execute(
+                "UPDATE taskstream.tasks SET state = 'running', progress = $1", percent
+            )
+        await asyncio.sleep(1.5)
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success', progress = 100")
+        r = await finish(proc, seen=seen)
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+    assert r.code == 0 and r.last_line == "success", r
+    for percent in (20, 40, 60):
+        assert f"{percent}.0%  running" in r.stderr, r
+
+    await create_task(sql, "t2", state="queued")
+    r = await cli("watch", "t2", "--url", server.url, "--token", server.token("alice", ttl=2))
+    assert r.code == 2 and r.last_line == "error: Token expired", r
+    path.unlink()
+    r = await cli("watch", "t2", "--url", server.url, "--token-file", str(path))
+    assert r.code == 2 and r.last_line.startswith("error: cannot read the token file"), r
 
 
 async def test_watch_unreachable_server_exits_2() -> None:
