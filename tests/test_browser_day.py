@@ -517,3 +517,164 @@ async def test_hook_reports_the_polling_fallback(
     await wait_until(lambda: _rendered(web, 2), "a change by long poll")
     assert (await renders(web))[-1]["transport"] == "poll"
     await web.page.evaluate("window.unmount()")
+
+
+# ---- 2. one connection for all tabs -----------------------------------------------------------
+
+HUB_START = """async ([ids]) => {
+  const { shareConnection } = await import("/static/shared.js");
+  window.__seen = {}; window.__ends = {}; window.__leader = false;
+  window.__hub = shareConnection({
+    getToken: () => window.nextToken(),
+    onLeader: (v) => { window.__leader = v; },
+  });
+  window.watchOne = (id) => {
+    window.__seen[id] = window.__seen[id] ?? [];
+    window.__hub.watch(id, {
+      onProgress: (p) => window.__seen[id].push(p.version),
+      onComplete: (c) => { window.__ends[id] = c.state; },
+      onError: (e) => { window.__ends[id] = e.kind; },
+    });
+  };
+  for (const id of ids) window.watchOne(id);
+  return window.__hub.shared;
+}"""
+
+
+@contextlib.asynccontextmanager
+async def tabs(
+    browser: Browser,  # noqa: F811
+    server: LiveServer,
+    count: int,
+    init_script: str | None = None,
+) -> AsyncIterator[list[Any]]:
+    """``count`` pages of one browser context (one origin, one profile), on the server's page."""
+    context = await browser.new_context()
+    try:
+        if init_script:
+            await context.add_init_script(init_script)
+        await context.expose_function("nextToken", lambda: server.token(DEMO_USER))
+        pages = []
+        for _ in range(count):
+            page = await context.new_page()
+            await page.goto(f"{server.url}/")
+            pages.append(page)
+        yield pages
+    finally:
+        await context.close()
+
+
+async def seen_by(page: Any, task_id: str) -> list[int]:
+    seen: list[int] = await page.evaluate("id => window.__seen[id] ?? []", task_id)
+    return seen
+
+
+async def all_see(pages: list[Any], task_id: str, version: int) -> None:
+    async def check() -> bool:
+        for page in pages:
+            if version not in await seen_by(page, task_id):
+                return False
+        return True
+
+    await wait_until(check, f"every page sees {task_id} v{version}", timeout=15)
+
+
+async def one_stream(server: LiveServer) -> None:
+    # A replaced stream closes once its successor is open: wait for that, then it must stay one.
+    await wait_until(
+        lambda: _eq(server.runtime.broker.subscriber_count, 1), "exactly one stream", timeout=5
+    )
+
+
+async def _eq(a: int, b: int) -> bool:
+    return a == b
+
+
+async def test_ten_tabs_share_one_stream_and_survive_the_leader_closing(
+    browser: Browser,  # noqa: F811
+    sql: asyncpg.Connection,
+    server: LiveServer,
+) -> None:
+    for tid in ("s1", "s2", "p3"):
+        await create_task(sql, tid, owner=DEMO_USER, state="queued", progress=0.0)
+    async with tabs(browser, server, 10) as pages:
+        stream_requests: list[str] = []
+        for page in pages:
+            page.on(
+                "request",
+                lambda req: stream_requests.append(req.url) if "/api/v1/sse/" in req.url else None,
+            )
+        for page in pages:
+            assert await page.evaluate(HUB_START, [["s1", "s2"]]) is True
+        last = {"s1": 1, "s2": 1}
+        for tid in last:
+            await all_see(pages, tid, 1)
+        await one_stream(server)
+        leaders = [p for p in pages if await p.evaluate("window.__leader")]
+        assert len(leaders) == 1
+        assert len(stream_requests) == 1, stream_requests
+
+        async def round_of(tids: list[str], live: list[Any]) -> None:
+            for tid in tids:
+                last[tid] = await bump(sql, tid)
+            for tid in tids:
+                await all_see(live if tid != "p3" else [follower], tid, last[tid])
+
+        follower = next(p for p in pages if p is not leaders[0])
+        for _ in range(3):
+            await round_of(["s1", "s2"], pages)
+        # A follower adds a task: the leader's one stream changes its id set, resuming.
+        await follower.evaluate("window.watchOne('p3')")
+        last["p3"] = 1
+        await all_see([follower], "p3", 1)
+        await round_of(["s1", "p3"], pages)
+        await one_stream(server)
+        # The leader's page closes while a change is on its way.
+        last["s1"] = await bump(sql, "s1")
+        await leaders[0].close()
+        rest = [p for p in pages if p is not leaders[0]]
+        await wait_until(lambda: _count_leaders(rest, 1), "a new leader")
+        await all_see(rest, "s1", last["s1"])
+        for _ in range(3):
+            await round_of(["s1", "s2", "p3"], rest)
+        await one_stream(server)
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE owner_id = $1", DEMO_USER)
+        for tid in last:
+            last[tid] += 1
+            await all_see(rest if tid != "p3" else [follower], tid, last[tid])
+        for page in rest:
+            for tid in ("s1", "s2"):
+                assert_each_version_once(await seen_by(page, tid), 1, last[tid])
+            assert await page.evaluate("window.__ends") == (
+                {"s1": "success", "s2": "success", "p3": "success"}
+                if page is follower
+                else {"s1": "success", "s2": "success"}
+            )
+        assert_each_version_once(await seen_by(follower, "p3"), 1, last["p3"])
+        # One stream at a time: the first leader's, its replacement for the new id set, the new
+        # leader's (token refreshes would add one each; these tokens last an hour).
+        assert len(stream_requests) == 3, stream_requests
+        print(f"stream requests from 10 tabs: {len(stream_requests)}")
+
+
+async def _count_leaders(pages: list[Any], n: int) -> bool:
+    return sum([await p.evaluate("window.__leader") for p in pages]) == n
+
+
+async def test_tabs_without_web_locks_each_stream_alone(
+    browser: Browser,  # noqa: F811
+    sql: asyncpg.Connection,
+    server: LiveServer,
+) -> None:
+    await create_task(sql, "f1", owner=DEMO_USER, state="queued", progress=0.0)
+    no_locks = "Object.defineProperty(Navigator.prototype, 'locks', { get: () => undefined });"
+    async with tabs(browser, server, 3, init_script=no_locks) as pages:
+        for page in pages:
+            assert await page.evaluate(HUB_START, [["f1"]]) is False
+        await all_see(pages, "f1", 1)
+        assert server.runtime.broker.subscriber_count == 3
+        v = await bump(sql, "f1")
+        await all_see(pages, "f1", v)
+        for page in pages:
+            assert await seen_by(page, "f1") == [1, 2]
+            assert await page.evaluate("window.__leader") is True

@@ -218,6 +218,15 @@ class Watch {
     this.results = {};
     this.lastState = new Map(); // task id -> last progress data
     this.lastEventId = null;
+    // Versions already delivered elsewhere (another watch, another tab): resume after them.
+    // Only a complete set is usable: the positional resume id cannot say "never seen" for one
+    // task (the server would take 0 for "seen nothing" and stay silent about a missing task).
+    const from = options.resumeFrom ?? null;
+    this.resumed = from !== null && ids.every((id) => Number.isInteger(from[id]));
+    if (this.resumed) {
+      for (const id of ids) this.versions.set(id, from[id]);
+      this.lastEventId = this.resumeId(true);
+    }
     this.status = null;
     this.reason = null;
     this.transport = null;
@@ -369,8 +378,8 @@ class Watch {
    * rather than copied from the last event, because during a token refresh two streams overlap
    * and the older one's ids lag.
    */
-  resumeId() {
-    if (this.lastEventId === null) return null;
+  resumeId(force = false) {
+    if (this.lastEventId === null && !force) return null;
     if (this.mode === "single") {
       const v = this.versions.get(this.ids[0]);
       return v === undefined ? this.lastEventId : String(v);
@@ -713,7 +722,8 @@ class Watch {
         reject(new Unusable(why));
       };
 
-      open(false);
+      // A watch that starts from known versions is a resumption: nothing may come until a change.
+      open(this.resumed);
     });
   }
 
