@@ -477,7 +477,10 @@ async def test_token_expiry_mid_stream_reconnects_with_a_fresh_token(
     await web.page.expose_function("nextToken", next_token)
     await create_task(sql, "job_exp", owner=DEMO_USER, state="transcribing", progress=10.0)
     await web.open()
-    await web.page.evaluate(START_WATCH, [fn, ["job_exp"], {"transports": [transport, "poll"]}])
+    # refreshAhead 0: no refresh before expiry, so the server ends the stream (the path tested
+    # here; refreshing ahead is tested in test_browser_day.py).
+    extra = {"transports": [transport, "poll"], "refreshAhead": 0}
+    await web.page.evaluate(START_WATCH, [fn, ["job_exp"], extra])
     await wait_for_event(web, "progress")
     await asyncio.sleep(3)  # the first token expires; the server ends that stream
     await set_task(sql, "job_exp", progress=70.0)

@@ -394,7 +394,7 @@ HOOK_PAGE = """<!doctype html>
 """
 
 HOOK_SHIM = (
-    "export const { createElement, useCallback, useEffect, useRef, useState } = window.React;\n"
+    "export const { createElement, useEffect, useRef, useState } = window.React;\n"
     "export default window.React;\n"
 )
 

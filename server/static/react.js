@@ -8,7 +8,7 @@
 //         "react": "/vendor/react.js",
 //         "taskstream/react": "/static/react.js" } }</script>
 //     where /vendor/react.js is your ES module build of React (or a one-line shim that re-exports
-//     the UMD global: `export const { useCallback, useEffect, useRef, useState } = window.React;`).
+//     the UMD global: `export const { useEffect, useRef, useState } = window.React;`).
 // Both ways, the hook runs on the application's own React instance, as hooks must.
 //
 //   const { progress, ready, status, reason, isComplete, result, error, cancel } =
@@ -18,7 +18,7 @@
 // set only when the watch has ended for good (task not found, authentication refused), and
 // `status` shows "reconnecting" or "polling" meanwhile, with `reason` saying why.
 // A terminal state closes the stream: no request is made after it.
-import { useCallback, useEffect, useRef, useState } from "react";
+import { useEffect, useRef, useState } from "react";
 import { TaskStreamError, watchTask } from "./taskstream.js";
 
 const INITIAL = {
@@ -43,15 +43,21 @@ export function useTaskProgress(taskId, token, options = {}) {
   const [state, setState] = useState(INITIAL);
   // Read the latest token and options at connect time without re-opening the stream whenever
   // the caller passes a new function or object literal on each render.
-  const latest = useRef({ token, options });
-  latest.current = { token, options };
+  const latest = useRef({ token, options, taskId });
+  latest.current = { token, options, taskId };
   const baseUrl = options.baseUrl ?? "";
   const hasToken = Boolean(token);
-
-  const currentToken = useCallback(() => {
-    const current = latest.current.token;
-    return typeof current === "function" ? current() : current;
-  }, []);
+  // Stable functions that read the latest props (only useEffect, useRef and useState are used,
+  // so a three-name shim of React's UMD build is enough).
+  const stable = useRef(null);
+  if (stable.current === null) {
+    const currentToken = () => {
+      const current = latest.current.token;
+      return typeof current === "function" ? current() : current;
+    };
+    stable.current = { currentToken, cancel: () => cancelTask(latest.current, currentToken) };
+  }
+  const { currentToken, cancel } = stable.current;
 
   useEffect(() => {
     if (!taskId || !hasToken) {
@@ -75,23 +81,21 @@ export function useTaskProgress(taskId, token, options = {}) {
     return () => handle.close();
   }, [taskId, hasToken, baseUrl, currentToken]);
 
-  const cancel = useCallback(async () => {
-    if (!taskId) throw new TypeError("no task to cancel");
-    const response = await fetch(
-      `${baseUrl.replace(/\/+$/, "")}/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`,
-      {
-        method: "POST",
-        headers: { Authorization: `Bearer ${await currentToken()}` },
-        cache: "no-store",
-      },
-    );
-    const body = await response.json().catch(() => null);
-    if (response.status === 200) return body;
-    // 409: already finished. The stream delivers the final state either way.
-    const message = typeof body?.error === "string" ? body.error : `HTTP ${response.status}`;
-    const kind = response.status === 404 ? "not_found" : response.status === 401 ? "auth" : "server";
-    throw new TaskStreamError(kind, message, { status: response.status, taskId });
-  }, [taskId, baseUrl, currentToken]);
-
   return { ...state, cancel };
+}
+
+async function cancelTask({ taskId, options }, currentToken) {
+  if (!taskId) throw new TypeError("no task to cancel");
+  const baseUrl = (options.baseUrl ?? "").replace(/\/+$/, "");
+  const response = await fetch(`${baseUrl}/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${await currentToken()}` },
+    cache: "no-store",
+  });
+  const body = await response.json().catch(() => null);
+  if (response.status === 200) return body;
+  // 409: already finished. The stream delivers the final state either way.
+  const message = typeof body?.error === "string" ? body.error : `HTTP ${response.status}`;
+  const kind = response.status === 404 ? "not_found" : response.status === 401 ? "auth" : "server";
+  throw new TaskStreamError(kind, message, { status: response.status, taskId });
 }
