@@ -114,7 +114,7 @@ export interface WatchOptionsBase {
   /**
    * Milliseconds before the token's expiry to open a new stream with a fresh token from
    * getToken (make before break: the old stream is closed once the new one is open). At most a
-   * third of the token's remaining life early. 0 turns it off: the server then ends the stream
+   * half of the token's remaining life early. 0 turns it off: the server then ends the stream
    * at expiry and the client reconnects. Default 10000. Needs getToken.
    */
   refreshAhead?: number;

@@ -179,7 +179,12 @@ function isEventStream(response) {
 }
 
 /** Raised inside a transport to move on to the next one. */
-class Unusable extends Error {}
+class Unusable extends Error {
+  constructor(message, { absent = false } = {}) {
+    super(message);
+    this.absent = absent; // not available here at all: nothing was tried
+  }
+}
 
 /**
  * One watch of one task (single mode) or of a list of tasks (multi mode) over one connection.
@@ -238,6 +243,7 @@ class Watch {
     this.tokenExpiresAt = null; // ms since the epoch, of the token last handed out (null: unknown)
     this.refreshTimer = null;
     this.rotate = null; // the live transport's make-before-break reconnect, if it has one
+    this.tokenEnded = false; // the server ended the stream at the token's expiry
     this.watchNetwork();
     this.setStatus("connecting");
     this.run();
@@ -294,7 +300,7 @@ class Watch {
 
   /**
    * A live stream was opened with the token last handed out: plan to replace it with a fresh one
-   * `refreshAhead` ms before that token expires (at most a third of its remaining life early),
+   * `refreshAhead` ms before that token expires (at most half of its remaining life early),
    * so the server never has to end a stream for an expired token.
    */
   scheduleRefresh() {
@@ -305,7 +311,7 @@ class Watch {
     if (this.tokenExpiresAt === null || typeof this.rotate !== "function") return;
     const left = this.tokenExpiresAt - Date.now();
     if (left <= 0) return;
-    const at = Math.max(0, left - Math.min(ahead, left / 3));
+    const at = Math.max(0, left - Math.min(ahead, left / 2));
     this.refreshTimer = setTimeout(() => {
       this.refreshTimer = null;
       if (!this.closed) this.rotate?.();
@@ -434,6 +440,7 @@ class Watch {
       return;
     }
     this.setStatus("reconnecting", "token_expired");
+    this.tokenEnded = true; // not server trouble: come back at once, without the retry delay
     // fetch reconnects (with a fresh token) when the stream ends; an EventSource would come back
     // with the stale token in its URL, so it is replaced.
     this.replaceEventSource?.();
@@ -558,7 +565,7 @@ class Watch {
         if (!(err instanceof Unusable)) {
           (globalThis.reportError ?? console.error)(err);
         }
-        this.setStatus("reconnecting");
+        if (!err.absent) this.setStatus("reconnecting", "network");
       }
     }
     if (!this.closed) {
@@ -578,7 +585,9 @@ class Watch {
    */
   runEventSource() {
     const ES = this.EventSource;
-    if (typeof ES !== "function") return Promise.reject(new Unusable("no EventSource"));
+    if (typeof ES !== "function") {
+      return Promise.reject(new Unusable("no EventSource", { absent: true }));
+    }
     return new Promise((resolve, reject) => {
       let proven = false;
       let reopenAttempt = 0;
@@ -690,6 +699,7 @@ class Watch {
       };
 
       this.replaceEventSource = () => {
+        this.tokenEnded = false;
         if (!this.es) return;
         this.es.close();
         this.es = null;
@@ -736,7 +746,7 @@ class Watch {
    */
   async runFetch() {
     if (typeof this.fetch !== "function" || typeof TextDecoder !== "function") {
-      throw new Unusable("no fetch streaming");
+      throw new Unusable("no fetch streaming", { absent: true });
     }
     let proven = false;
     let attempt = 0;
@@ -815,6 +825,10 @@ class Watch {
             continue;
           }
           if (this.finishIfTerminalSeen()) return;
+          if (this.tokenEnded) {
+            this.tokenEnded = false;
+            continue;
+          }
           this.setStatus("reconnecting", ended.why);
           wait = jitter(retryMs);
           continue;

@@ -14,6 +14,7 @@ import {
   type WatchHandle,
 } from "../../server/static/taskstream.js";
 import { useTaskProgress, type TaskProgressState } from "../../server/static/react.js";
+import { canShareConnection, shareConnection, type TabHub } from "../../server/static/shared.js";
 
 const handle: WatchHandle = watchTask("task_abc123", {
   getToken: async () => "token",
@@ -65,3 +66,13 @@ const reason: StatusReason | null = state.reason;
 void state.cancel().then((task) => console.log(ready, reason, task));
 // @ts-expect-error: onReady belongs to the hook
 useTaskProgress("t", "x", { onReady: () => undefined });
+
+const hub: TabHub = shareConnection({ getToken: () => "token", name: "app" });
+const sub = hub.watch("task_abc123", {
+  onProgress: (p) => console.log(p.version),
+  onStatus: (s, d) => console.log(s, d.reason, d.leader),
+});
+sub.close();
+console.log(hub.isLeader, hub.shared, canShareConnection());
+// @ts-expect-error: a hub needs a token or getToken... of the right type
+shareConnection({ token: 42 });
