@@ -130,9 +130,7 @@ async def test_stream_ended_by_token_expiry_resumes_with_every_version(
     started = time.monotonic()
     while time.monotonic() - started < 7:
         last = await bump(sql, "exp")
-        await wait_until(
-            lambda v=last: _has(web, v), f"version {last}", timeout=10
-        )
+        await wait_until(lambda v=last: _has(web, v), f"version {last}", timeout=10)
         await asyncio.sleep(0.1)
     await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'exp'")
     await wait_until(lambda: log_of(web, "complete"), "complete")
@@ -254,6 +252,35 @@ async def _status_is(web: PageWatcher, want: list[Any]) -> bool:
     return bool(statuses) and statuses[-1] == want
 
 
+@pytest.mark.parametrize("transport", ["eventsource", "fetch"])
+async def test_hidden_and_frozen_tab_keeps_its_stream_and_catches_up(
+    web: PageWatcher, sql: asyncpg.Connection, server: LiveServer, transport: str
+) -> None:
+    """The policy for hidden tabs is not to pause. Chromium freezes background tabs (no task of
+    the page runs); the CDP call below is the same freeze. While frozen, changes are written;
+    once thawed, the page has the latest version, with none repeated or out of order, on the
+    same stream (no reconnect) when the connection survived, as it does here."""
+    await web.page.expose_function("nextToken", lambda: server.token(DEMO_USER))
+    await create_task(sql, "frz", owner=DEMO_USER, state="queued", progress=0.0)
+    await web.open()
+    await web.page.evaluate(START, ["watchTask", ["frz"], {"transports": [transport]}])
+    await wait_until(lambda: versions_seen(web), "the snapshot")
+    cdp = await web.page.context.new_cdp_session(web.page)
+    await cdp.send("Page.setWebLifecycleState", {"state": "frozen"})
+    for _ in range(5):
+        last = await bump(sql, "frz")
+        await asyncio.sleep(0.2)
+    await cdp.send("Page.setWebLifecycleState", {"state": "active"})
+    await wait_until(lambda v=last: _has(web, v), "the latest version after the thaw")
+    seen = await versions_seen(web)
+    assert seen == sorted(set(seen)) and seen[0] == 1 and seen[-1] == last, seen
+    assert len(web.stream_requests("/api/v1/sse/tasks/frz/progress")) == 1
+    last = await bump(sql, "frz")
+    await wait_until(lambda v=last: _has(web, v), "live after the thaw")
+    await web.page.evaluate("window.__handle.close()")
+    await cdp.detach()
+
+
 class StallingProxy:
     """A TCP proxy on 127.0.0.1 that can freeze its open connections: no byte moves either way
     and no socket closes, as with a laptop that slept. New connections pass normally."""
@@ -361,7 +388,6 @@ async def _saw_status(web: PageWatcher, want: list[Any]) -> bool:
     return want in await log_of(web, "status")
 
 
-
 # ---- 4. the React hook ------------------------------------------------------------------------
 
 HOOK_PAGE = """<!doctype html>
@@ -420,7 +446,9 @@ async def open_hook_page(
         elif name == "react-shim.js":
             await route.fulfill(status=200, content_type="text/javascript", body=HOOK_SHIM)
         else:
-            await route.fulfill(status=200, content_type="text/javascript", body=umd[name].read_text())
+            await route.fulfill(
+                status=200, content_type="text/javascript", body=umd[name].read_text()
+            )
 
     await web.page.route("**/hook.html*", serve)
     await web.page.route("**/vendor/*", serve)
@@ -638,7 +666,9 @@ async def test_ten_tabs_share_one_stream_and_survive_the_leader_closing(
         for _ in range(3):
             await round_of(["s1", "s2", "p3"], rest)
         await one_stream(server)
-        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE owner_id = $1", DEMO_USER)
+        await sql.execute(
+            "UPDATE taskstream.tasks SET state = 'success' WHERE owner_id = $1", DEMO_USER
+        )
         for tid in last:
             last[tid] += 1
             await all_see(rest if tid != "p3" else [follower], tid, last[tid])

@@ -204,11 +204,10 @@ async def test_package_in_node_refreshes_tokens_with_every_version(
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
-        Path("/tmp/pkg_records.json").write_text(json.dumps(records))
     assert records[0] == {"type": "package", "name": "taskstream-client", "version": "1.0.0"}
     for tid in ids:
         seen = [r["version"] for r in records if r["type"] == "progress" and r["task_id"] == tid]
-        assert seen == list(range(1, last[tid] + 2)), (tid, seen, records)
+        assert seen == list(range(1, last[tid] + 2)), (tid, seen)
     statuses = [(r["status"], r["reason"]) for r in records if r["type"] == "status"]
     assert statuses == [("connecting", None), ("live", None), ("closed", "complete")], statuses
     assert {r["transport"] for r in records if r["type"] == "status"} == {None, "fetch"}
