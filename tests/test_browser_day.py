@@ -640,6 +640,8 @@ async def test_ten_tabs_share_one_stream_and_survive_the_leader_closing(
         await one_stream(server)
         leaders = [p for p in pages if await p.evaluate("window.__leader")]
         assert len(leaders) == 1
+        # Every tab shows the leader's connection status.
+        await wait_until(lambda: _all_live(pages), "every tab's status live")
         assert len(stream_requests) == 1, stream_requests
 
         async def round_of(tids: list[str], live: list[Any]) -> None:
@@ -685,6 +687,10 @@ async def test_ten_tabs_share_one_stream_and_survive_the_leader_closing(
         # leader's (token refreshes would add one each; these tokens last an hour).
         assert len(stream_requests) == 3, stream_requests
         print(f"stream requests from 10 tabs: {len(stream_requests)}")
+
+
+async def _all_live(pages: list[Any]) -> bool:
+    return all([await p.evaluate("window.__hub.status") == "live" for p in pages])
 
 
 async def _count_leaders(pages: list[Any], n: int) -> bool:

@@ -151,7 +151,11 @@ class TabHub {
     switch (msg.type) {
       case "want":
         this.wants.set(msg.tab, new Set(msg.ids));
-        if (this.isLeader) this.scheduleSync();
+        if (this.isLeader) {
+          this.scheduleSync();
+          // A tab that just arrived has not heard the current status yet.
+          this.post({ type: "status", status: this.status, reason: this.reason });
+        }
         break;
       case "bye":
         this.wants.delete(msg.tab);
