@@ -900,10 +900,19 @@ class Watch {
         retryMs = ms;
       },
     );
+    // Some fetch implementations (Node 20's undici) may leave a pending read() unsettled when
+    // the request is aborted after its body started: the abort itself ends the read here.
+    let onAbort;
+    const aborted = new Promise((_, reject) => {
+      onAbort = () => reject(new Error("aborted"));
+      if (controller.signal.aborted) onAbort();
+      else controller.signal.addEventListener("abort", onAbort, { once: true });
+    });
+    aborted.catch(() => {});
     arm();
     try {
       for (;;) {
-        const { done, value } = await reader.read();
+        const { done, value } = await Promise.race([reader.read(), aborted]);
         if (done) why = "server_closed";
         if (done || this.closed) break;
         arm();
@@ -914,6 +923,7 @@ class Watch {
       if (controller.signal.reason === "handover") why = "handover";
     } finally {
       clearTimeout(idle);
+      controller.signal.removeEventListener("abort", onAbort);
       parser.end();
       reader.cancel().catch(() => {});
     }
