@@ -668,6 +668,13 @@ async def test_ten_tabs_share_one_stream_and_survive_the_leader_closing(
         for _ in range(3):
             await round_of(["s1", "s2", "p3"], rest)
         await one_stream(server)
+        # A tab opened now, with nothing changing: it gets the last state at once from the tabs.
+        late = await rest[0].context.new_page()
+        await late.goto(f"{server.url}/")
+        await late.evaluate(HUB_START, [["s2"]])
+        await all_see([late], "s2", last["s2"])
+        assert await seen_by(late, "s2") == [last["s2"]]
+        await late.close()
         await sql.execute(
             "UPDATE taskstream.tasks SET state = 'success' WHERE owner_id = $1", DEMO_USER
         )

@@ -153,8 +153,16 @@ class TabHub {
         this.wants.set(msg.tab, new Set(msg.ids));
         if (this.isLeader) {
           this.scheduleSync();
-          // A tab that just arrived has not heard the current status yet.
+          // A tab that just arrived has heard neither the status nor the last state of tasks
+          // already streamed (they may not change for a long time). Tabs that have them drop
+          // the repeat by version.
           this.post({ type: "status", status: this.status, reason: this.reason });
+          for (const id of msg.ids) {
+            const last = this.states.get(id);
+            if (last) this.post({ type: "progress", data: last });
+            const end = this.ends.get(id);
+            if (end) this.post({ type: "end", taskId: id, kind: end[0], data: end[1] });
+          }
         }
         break;
       case "bye":
