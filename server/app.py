@@ -21,6 +21,7 @@ from server.auth import AuthError, TokenVerifier, verifier_from_settings
 from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.cors import apply_cors
+from server.csrf import CrossSiteRequestRefused
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.inputguard import Utf8GuardMiddleware
@@ -182,6 +183,10 @@ def create_app(settings: Settings | None = None) -> Quart:
         if request.path.startswith("/api/v1/sse/"):
             metrics.STREAM_ERRORS.labels("auth").inc()
         return json_error(exc.status, exc.message, WWW_Authenticate=exc.challenge)
+
+    @app.errorhandler(CrossSiteRequestRefused)
+    async def _cross_site(exc: CrossSiteRequestRefused) -> Response:
+        return json_error(exc.status, exc.error, exc.detail)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
