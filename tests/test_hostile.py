@@ -379,3 +379,41 @@ async def test_if_none_match_with_a_version_among_hostile_tags_long_polls(
         server, b"GET", b"/api/v1/tasks/t1?wait=0.1", [auth, (b"If-None-Match", header)]
     )
     assert status == 304
+
+
+@pytest.mark.parametrize(
+    "settings_overrides", [{"jwt_cookie": COOKIE, "cors_origins": ("http://app.example.test",)}]
+)
+async def test_repeated_headers_are_not_a_500(server: LiveServer, sql: asyncpg.Connection) -> None:
+    """Two of a header the server reads: the framework keeps the first or joins them; either
+    way a clean answer."""
+    await create_task(sql, "run", state="running")
+    bearer = _token(server)
+    cases: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = [
+        (b"GET", b"/api/v1/tasks/run", [(b"Authorization", bearer), (b"Authorization", b"x")]),
+        (
+            b"GET",
+            b"/api/v1/tasks/run?wait=0.05",
+            [(b"Authorization", bearer), (b"If-None-Match", b'""'), (b"If-None-Match", b"\xb2")],
+        ),
+        (
+            b"GET",
+            b"/api/v1/sse/tasks/run/progress",
+            [(b"Authorization", b"Bearer x"), (b"Last-Event-ID", b"1"), (b"Last-Event-ID", b"2")],
+        ),
+        (b"GET", b"/api/v1/tasks/run", [(b"Cookie", _cookie(server)), (b"Cookie", b"=;=")]),
+        (
+            b"POST",
+            b"/api/v1/tasks",
+            [
+                (b"Authorization", bearer),
+                (b"Content-Type", b"application/json"),
+                (b"Content-Type", b"text/plain"),
+            ],
+        ),
+        (b"GET", b"/healthz", [(b"Host", b"a"), (b"Host", b"b")]),
+    ]
+    for method, target, headers in cases:
+        status, body = await send_raw(server, method, target, headers)
+        assert status < 500, (target, headers, body)
+        assert not body or status < 400 or _is_json_error(body), body
