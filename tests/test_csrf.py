@@ -153,3 +153,15 @@ async def test_bearer_header_wins_over_the_cookie(
     auth = {"Authorization": f"Bearer {server.token()}"}
     r = await browser.post(_cancel(server, "t1"), headers={**auth, "Origin": EVIL})
     assert r.status_code == 200, r.text
+
+
+async def test_ticket_endpoint_does_not_take_the_cookie(
+    server: LiveServer, browser: httpx.AsyncClient
+) -> None:
+    """Buying a ticket needs the Authorization header, so a cookie cannot buy one, same origin
+    or not."""
+    r = await browser.post(
+        f"{server.url}/api/v1/sse/tickets", json={"task_id": "t1"}, headers={"Origin": server.url}
+    )
+    assert r.status_code == 401
+    assert r.json()["error"] == "Missing bearer token"
