@@ -308,13 +308,22 @@ def _unavailable() -> Response:
     return json_error(503, "Database unavailable", Retry_After="2")
 
 
+# A version is a PostgreSQL bigint: at most 19 digits.
+_MAX_VERSION_DIGITS = 19
+
+
 def _version_from_if_none_match() -> int | None:
-    """The version named by ``If-None-Match`` (the first tag that is a version), or None."""
-    etags = request.if_none_match
-    for tag in etags.as_set(include_weak=True):
-        if tag.isdigit():
-            return int(tag)
-    return None
+    """The version named by ``If-None-Match`` (the lowest tag that is a version), or None.
+
+    Hostile tags are not versions: ``""`` parses to None, ``"²"`` passes ``isdigit()`` but not
+    ``int()``, and 4,400 digits pass both checks and then exceed ``int()``'s digit limit.
+    """
+    versions = [
+        int(tag)
+        for tag in request.if_none_match.as_set(include_weak=True)
+        if tag and tag.isascii() and tag.isdigit() and len(tag) <= _MAX_VERSION_DIGITS
+    ]
+    return min(versions) if versions else None
 
 
 def _matches(version: int) -> bool:

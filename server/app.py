@@ -16,14 +16,16 @@ import asyncpg
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from server import db, metrics
+from server import db, metrics, tickets
 from server.auth import AuthError, TokenVerifier, verifier_from_settings
 from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.cors import apply_cors
+from server.csrf import CrossSiteRequestRefused
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.inputguard import Utf8GuardMiddleware
+from server.ratelimit import RateLimiter
 from server.sendtimeout import SendTimeoutMiddleware
 from server.snapshots import SnapshotReader
 
@@ -44,11 +46,13 @@ class Runtime:
     draining: bool = False
     send_timeouts: int = 0
     snapshots: SnapshotReader = field(init=False)
+    ticket_limiter: RateLimiter = field(init=False)
     # Periodic work of this process: the NOTIFY-queue sample and the metrics tally flush.
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.snapshots = SnapshotReader(lambda: self.pool)
+        self.ticket_limiter = RateLimiter(self.settings.ticket_rate)
 
     def count_send_timeout(self) -> None:
         self.send_timeouts += 1
@@ -151,6 +155,10 @@ def create_app(settings: Settings | None = None) -> Quart:
                 name="taskstream-queue-sampler",
             ),
             asyncio.create_task(flush_tally(1.0), name="taskstream-metrics-flush"),
+            asyncio.create_task(
+                tickets.run_sweeper(runtime.pool, settings.ticket_sweep_interval),
+                name="taskstream-ticket-sweeper",
+            ),
         ]
         logger.info("taskstream ready (pid %d)", os.getpid())
 
@@ -182,6 +190,10 @@ def create_app(settings: Settings | None = None) -> Quart:
         if request.path.startswith("/api/v1/sse/"):
             metrics.STREAM_ERRORS.labels("auth").inc()
         return json_error(exc.status, exc.message, WWW_Authenticate=exc.challenge)
+
+    @app.errorhandler(CrossSiteRequestRefused)
+    async def _cross_site(exc: CrossSiteRequestRefused) -> Response:
+        return json_error(exc.status, exc.error, exc.detail)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:

@@ -435,6 +435,9 @@ def _describe_streams(app: Quart) -> None:
             "The metrics.",
             text=("text/plain", "Prometheus text exposition format 0.0.4."),
         )(prom)
+        responds(401, "`TASKSTREAM_METRICS_TOKEN` is set and the request lacks it as a bearer.")(
+            prom
+        )
         security()(prom)
 
 

@@ -1,5 +1,8 @@
 """Operations endpoints: ``/readyz`` and ``/metrics``, and the periodic NOTIFY-queue sample.
 
+``/metrics`` is open unless ``TASKSTREAM_METRICS_TOKEN`` is set; then it wants
+``Authorization: Bearer <that token>`` (what Prometheus's ``authorization`` scrape option sends).
+
 ``/healthz`` (in :mod:`server.app`) says the process is alive; ``/readyz`` says it can do its job:
 a load balancer or Kubernetes should send streams only to an instance whose database answers and
 whose LISTEN connection is up, because a stream opened elsewhere would get its snapshot and then
@@ -9,15 +12,16 @@ nothing until the listener is back.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from typing import TYPE_CHECKING
 
 import asyncpg
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from server import db, metrics
-from server.http import runtime
+from server.http import json_error, runtime
 
 if TYPE_CHECKING:
     from server.app import Runtime
@@ -57,7 +61,19 @@ def _json(body: object) -> str:
 
 @blueprint.get("/metrics")
 async def prometheus_metrics() -> Response:
+    expected: str | None = runtime().settings.metrics_token
+    if expected is not None and not _bearer_matches(request.headers.get("Authorization"), expected):
+        # Not an AuthError: that handler counts stream errors and speaks of JWTs.
+        return json_error(401, "Metrics token required", WWW_Authenticate='Bearer realm="metrics"')
     return Response(metrics.render(), status=200, content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+def _bearer_matches(authorization: str | None, expected: str) -> bool:
+    """Whether ``authorization`` is ``Bearer <expected>``, compared in constant time."""
+    scheme, _, value = (authorization or "").partition(" ")
+    # compare_digest needs ASCII str (or bytes); a header may hold any Latin-1 text.
+    given = value.strip().encode("latin-1", "replace")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected.encode("ascii"))
 
 
 async def sample_queue_usage(pool: asyncpg.Pool, interval: float) -> None:
