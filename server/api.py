@@ -205,8 +205,8 @@ class Task(BaseModel):
     progress: float
     estimated_time: int | None = Field(
         description=(
-            "Seconds left: the writer's value, else derived from the progress rate since the "
-            "task started (see the README), else null."
+            "Seconds left: null once the task is finished; else the writer's value, else "
+            "derived from the progress rate since the task started (see the README), else null."
         )
     )
     updated_at: str = Field(description="ISO 8601, UTC.")
