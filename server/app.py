@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 from quart import Quart, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from server import db, metrics
 from server.auth import AuthError, TokenVerifier, verifier_from_settings
@@ -185,6 +185,14 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, MethodNotAllowed):
+            # RFC 9110 15.5.6: a 405 must say which methods the resource does allow.
+            from server.api import CANCEL_ALLOW, is_cancel_url
+
+            allowed = (
+                CANCEL_ALLOW if is_cancel_url() else ", ".join(sorted(exc.valid_methods or ()))
+            )
+            return json_error(405, exc.name, Allow=allowed)
         return json_error(exc.code or 500, exc.name)
 
     @app.errorhandler(Exception)

@@ -94,8 +94,8 @@ class ProgressEventData(BaseModel):
     state: str
     progress: float = Field(description="Percent, 0 to 100.")
     estimated_time: int | None = Field(
-        description="Seconds left: null once the task is finished; else the writer's value, else derived "
-        "(see README), else null."
+        description="Seconds left: null once the task is finished; else the writer's value, "
+        "else derived (see README), else null."
     )
     updated_at: str = Field(description="ISO 8601, UTC.")
     version: int

@@ -57,9 +57,27 @@ async def test_task_routes_and_statuses(server: LiveServer, client: httpx.AsyncC
     statuses = {
         ("post", "/api/v1/tasks"): {"201", "401", "403", "409", "422", "503"},
         ("get", "/api/v1/tasks"): {"200", "401", "422", "503"},
-        ("get", "/api/v1/tasks/{task_id}"): {"200", "304", "401", "404", "422", "429", "503"},
-        ("patch", "/api/v1/tasks/{task_id}"): {"200", "401", "403", "404", "409", "422", "503"},
-        ("post", "/api/v1/tasks/{task_id}/cancel"): {"200", "401", "404", "409", "503"},
+        ("get", "/api/v1/tasks/{task_id}"): {
+            "200",
+            "304",
+            "400",
+            "401",
+            "404",
+            "422",
+            "429",
+            "503",
+        },
+        ("patch", "/api/v1/tasks/{task_id}"): {
+            "200",
+            "400",
+            "401",
+            "403",
+            "404",
+            "409",
+            "422",
+            "503",
+        },
+        ("post", "/api/v1/tasks/{task_id}/cancel"): {"200", "400", "401", "404", "409", "503"},
     }
     for (method, path), codes in statuses.items():
         assert set(paths[path][method]["responses"]) == codes, (method, path)
