@@ -635,10 +635,11 @@ API_DESCRIPTION = """\
 Stream task progress from PostgreSQL over Server-Sent Events, and create, read, list, update and \
 cancel tasks over JSON.
 
-Every route but `/healthz` needs a JWT: `Authorization: Bearer <token>` (the SSE routes also \
-take `?access_token=`). `sub` is the user; scope `tasks:write` (in the `scope` claim) lets a \
-worker or service create tasks for any owner and update any task. Another user's task answers \
-exactly like a missing one (404, or the stream's `Task not found`).
+Every `/api/v1/` route needs a JWT: `Authorization: Bearer <token>` (the SSE routes also \
+take `?access_token=`). `/healthz`, `/readyz` and `/metrics` need no JWT, nor do these docs. \
+`sub` is the user; scope `tasks:write` (in the `scope` claim) lets a worker or service create \
+tasks for any owner and update any task. Another user's task answers exactly like a missing one \
+(404, or the stream's `Task not found`).
 
 Errors are always JSON: `{"error": ..., "detail"?: ...}`.
 """

@@ -167,3 +167,21 @@ async def test_schema_validation_errors_are_422_json(
         "detail": [{"field": "limit", "message": r.json()["detail"][0]["message"]}],
     }
     assert "integer" in r.json()["detail"][0]["message"]
+
+
+async def test_docs_say_which_routes_need_no_jwt(
+    server: LiveServer, client: httpx.AsyncClient
+) -> None:
+    """What the docs promise about tokens is what the routes do."""
+    page = (await client.get(f"{server.url}/docs")).text
+    assert "Every route but" not in page
+    assert (
+        "`/healthz`, `/readyz` and `/metrics` need no JWT"
+        in (await _spec(server, client))["info"]["description"]
+    )
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert path in page
+        r = await client.get(server.url + path)
+        assert r.status_code == 200, (path, r.status_code)
+    r = await client.get(f"{server.url}/api/v1/tasks")
+    assert r.status_code == 401
