@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from hypercorn.middleware import ProxyFixMiddleware
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
@@ -126,6 +127,13 @@ def create_app(settings: Settings | None = None) -> Quart:
     )
     app.asgi_app = send_timeout  # type: ignore[method-assign]
     app.asgi_app = Utf8GuardMiddleware(app.asgi_app)  # type: ignore[method-assign]
+    if settings.trusted_proxy_hops:
+        # Only when the operator says how many proxies stand in front: without one, any client
+        # could claim any address in X-Forwarded-For. The access log applies the same rule
+        # (server.logs.forwarded_client), since Hypercorn logs its own copy of the scope.
+        app.asgi_app = ProxyFixMiddleware(  # type: ignore[method-assign]
+            app.asgi_app, mode="legacy", trusted_hops=settings.trusted_proxy_hops
+        )
 
     @app.before_serving
     async def _start() -> None:

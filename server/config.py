@@ -131,6 +131,9 @@ class Settings:
     jwt_cookie: str | None = None
     allow_query_token: bool = True
     ticket_ttl: int = 60
+    # Reverse proxies in front of the server whose X-Forwarded-For/-Proto/-Host are believed;
+    # 0 believes none (a client could otherwise claim any address).
+    trusted_proxy_hops: int = 0
     # gc.set_threshold() for each server process; None keeps the interpreter's.
     gc_thresholds: tuple[int, int, int] | None = DEFAULT_GC_THRESHOLDS
 
@@ -176,5 +179,6 @@ class Settings:
             jwt_cookie=e.get("TASKSTREAM_JWT_COOKIE") or None,
             allow_query_token=_bool(e, "TASKSTREAM_ALLOW_QUERY_TOKEN", True),
             ticket_ttl=_int(e, "TASKSTREAM_TICKET_TTL", 60, minimum=1),
+            trusted_proxy_hops=_int(e, "TASKSTREAM_TRUSTED_PROXY_HOPS", 0, minimum=0),
             gc_thresholds=_gc_thresholds(e, "TASKSTREAM_GC_THRESHOLDS"),
         )
