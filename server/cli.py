@@ -97,7 +97,10 @@ def _check_settings(settings: Settings) -> None:
     are checked here, not by the first worker after migrations ran and the URL was printed."""
     from server.app import resolve_secret
     from server.auth import verifier_from_settings
+    from server.embedded import require_embedded
 
+    if settings.database_url is None:
+        require_embedded()
     verifier_from_settings(
         settings, resolve_secret(settings, embedded=settings.database_url is None)
     )
