@@ -116,6 +116,9 @@ class Settings:
     log_level: str = "INFO"
     cors_origins: tuple[str, ...] = ()
     metrics_sample_interval: float = 10.0
+    # Reverse proxies in front of the server whose X-Forwarded-For/-Proto/-Host are believed;
+    # 0 believes none (a client could otherwise claim any address).
+    trusted_proxy_hops: int = 0
     # Demo mode (`taskstream serve --demo`): a token endpoint for a fixed user and a simulated
     # worker. For a local try-out only, never for production.
     demo: bool = False
@@ -131,9 +134,6 @@ class Settings:
     jwt_cookie: str | None = None
     allow_query_token: bool = True
     ticket_ttl: int = 60
-    # Reverse proxies in front of the server whose X-Forwarded-For/-Proto/-Host are believed;
-    # 0 believes none (a client could otherwise claim any address).
-    trusted_proxy_hops: int = 0
     # gc.set_threshold() for each server process; None keeps the interpreter's.
     gc_thresholds: tuple[int, int, int] | None = DEFAULT_GC_THRESHOLDS
 
@@ -165,6 +165,7 @@ class Settings:
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
             cors_origins=_origins(e, "TASKSTREAM_CORS_ORIGINS"),
             metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
+            trusted_proxy_hops=_int(e, "TASKSTREAM_TRUSTED_PROXY_HOPS", 0, minimum=0),
             demo=_bool(e, "TASKSTREAM_DEMO", False),
             demo_speed=_float(e, "TASKSTREAM_DEMO_SPEED", 1.0, minimum=0.01),
             jwt_public_key=Path(e["TASKSTREAM_JWT_PUBLIC_KEY"]).expanduser()
@@ -179,6 +180,5 @@ class Settings:
             jwt_cookie=e.get("TASKSTREAM_JWT_COOKIE") or None,
             allow_query_token=_bool(e, "TASKSTREAM_ALLOW_QUERY_TOKEN", True),
             ticket_ttl=_int(e, "TASKSTREAM_TICKET_TTL", 60, minimum=1),
-            trusted_proxy_hops=_int(e, "TASKSTREAM_TRUSTED_PROXY_HOPS", 0, minimum=0),
             gc_thresholds=_gc_thresholds(e, "TASKSTREAM_GC_THRESHOLDS"),
         )
