@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from hypercorn.middleware import ProxyFixMiddleware
 from quart import Quart, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from server import db, metrics, tickets
 from server.auth import AuthError, TokenVerifier, verifier_from_settings
@@ -130,6 +131,13 @@ def create_app(settings: Settings | None = None) -> Quart:
     )
     app.asgi_app = send_timeout  # type: ignore[method-assign]
     app.asgi_app = Utf8GuardMiddleware(app.asgi_app)  # type: ignore[method-assign]
+    if settings.trusted_proxy_hops:
+        # Only when the operator says how many proxies stand in front: without one, any client
+        # could claim any address in X-Forwarded-For. The access log applies the same rule
+        # (server.logs.forwarded_client), since Hypercorn logs its own copy of the scope.
+        app.asgi_app = ProxyFixMiddleware(  # type: ignore[method-assign]
+            app.asgi_app, mode="legacy", trusted_hops=settings.trusted_proxy_hops
+        )
 
     @app.before_serving
     async def _start() -> None:
@@ -197,6 +205,14 @@ def create_app(settings: Settings | None = None) -> Quart:
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, MethodNotAllowed):
+            # RFC 9110 15.5.6: a 405 must say which methods the resource does allow.
+            from server.api import CANCEL_ALLOW, is_cancel_url
+
+            allowed = (
+                CANCEL_ALLOW if is_cancel_url() else ", ".join(sorted(exc.valid_methods or ()))
+            )
+            return json_error(405, exc.name, Allow=allowed)
         return json_error(exc.code or 500, exc.name)
 
     @app.errorhandler(Exception)

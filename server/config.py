@@ -129,6 +129,9 @@ class Settings:
     log_level: str = "INFO"
     cors_origins: tuple[str, ...] = ()
     metrics_sample_interval: float = 10.0
+    # Reverse proxies in front of the server whose X-Forwarded-For/-Proto/-Host are believed;
+    # 0 believes none (a client could otherwise claim any address).
+    trusted_proxy_hops: int = 0
     # Demo mode (`taskstream serve --demo`): a token endpoint for a fixed user and a simulated
     # worker. For a local try-out only, never for production.
     demo: bool = False
@@ -181,6 +184,7 @@ class Settings:
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
             cors_origins=_origins(e, "TASKSTREAM_CORS_ORIGINS"),
             metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
+            trusted_proxy_hops=_int(e, "TASKSTREAM_TRUSTED_PROXY_HOPS", 0, minimum=0),
             demo=_bool(e, "TASKSTREAM_DEMO", False),
             demo_speed=_float(e, "TASKSTREAM_DEMO_SPEED", 1.0, minimum=0.01),
             jwt_public_key=Path(e["TASKSTREAM_JWT_PUBLIC_KEY"]).expanduser()

@@ -94,7 +94,8 @@ class ProgressEventData(BaseModel):
     state: str
     progress: float = Field(description="Percent, 0 to 100.")
     estimated_time: int | None = Field(
-        description="Seconds left: the writer's value, else derived (see README), else null."
+        description="Seconds left: null once the task is finished; else the writer's value, "
+        "else derived (see README), else null."
     )
     updated_at: str = Field(description="ISO 8601, UTC.")
     version: int
@@ -637,10 +638,11 @@ API_DESCRIPTION = """\
 Stream task progress from PostgreSQL over Server-Sent Events, and create, read, list, update and \
 cancel tasks over JSON.
 
-Every route but `/healthz` needs a JWT: `Authorization: Bearer <token>` (the SSE routes also \
-take `?access_token=`). `sub` is the user; scope `tasks:write` (in the `scope` claim) lets a \
-worker or service create tasks for any owner and update any task. Another user's task answers \
-exactly like a missing one (404, or the stream's `Task not found`).
+Every `/api/v1/` route needs a JWT: `Authorization: Bearer <token>` (the SSE routes also \
+take `?access_token=`). `/healthz`, `/readyz` and `/metrics` need no JWT, nor do these docs. \
+`sub` is the user; scope `tasks:write` (in the `scope` claim) lets a worker or service create \
+tasks for any owner and update any task. Another user's task answers exactly like a missing one \
+(404, or the stream's `Task not found`).
 
 Errors are always JSON: `{"error": ..., "detail"?: ...}`.
 """

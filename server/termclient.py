@@ -30,6 +30,8 @@ from urllib.parse import quote
 
 import httpx
 
+from server.events import TERMINAL_STATES
+
 __all__ = ["add_commands", "format_eta", "render_bar"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -66,10 +68,13 @@ def render_bar(progress: float, width: int = 30) -> str:
 
 def progress_line(data: dict[str, Any]) -> str:
     progress = float(data.get("progress") or 0.0)
-    return (
-        f"{render_bar(progress)} {progress:5.1f}%  {_clean(data.get('state', '?'))}"
-        f"  ETA {format_eta(data.get('estimated_time'))}"
-    )
+    state = data.get("state", "?")
+    line = f"{render_bar(progress)} {progress:5.1f}%  {_clean(state)}"
+    # A finished task has no time left: no "ETA", even from a server that sends the writer's
+    # last estimate with the final state.
+    if state in TERMINAL_STATES:
+        return line
+    return f"{line}  ETA {format_eta(data.get('estimated_time'))}"
 
 
 @dataclass
