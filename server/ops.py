@@ -39,6 +39,8 @@ async def readyz() -> Response:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
         reasons.append("LISTEN connection is down")
+    if rt.descriptors.sample():
+        reasons.append("file descriptors near the limit")
     try:
         await asyncio.wait_for(rt.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
