@@ -69,13 +69,17 @@ def shape_problems() -> list[str]:
             problems.append(f"TCPServer.{name} is not a coroutine function")
         elif tuple(inspect.signature(member).parameters) != params:
             problems.append(f"TCPServer.{name} does not take {params}")
-    init_source = inspect.getsource(TCPServer.__init__)
+    try:
+        init_source = inspect.getsource(TCPServer.__init__)
+        run_source = inspect.getsource(TCPServer.run)
+    except (OSError, TypeError):
+        return [*problems, "Hypercorn's source is not installed, so its shape cannot be checked"]
     problems.extend(
         f"TCPServer.__init__ does not set self.{attribute}"
         for attribute in REQUIRED_ATTRIBUTES
         if f"self.{attribute} =" not in init_source
     )
-    if "self.protocol = ProtocolWrapper(" not in inspect.getsource(TCPServer.run):
+    if "self.protocol = ProtocolWrapper(" not in run_source:
         problems.append("TCPServer.run does not set self.protocol")
     if "self.idle_task = AsyncioSingleTask()" not in init_source or not (
         inspect.iscoroutinefunction(getattr(AsyncioSingleTask, "stop", None))
