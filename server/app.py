@@ -157,11 +157,13 @@ def create_app(settings: Settings | None = None) -> Quart:
                 name="taskstream-queue-sampler",
             ),
             asyncio.create_task(flush_tally(1.0), name="taskstream-metrics-flush"),
-            asyncio.create_task(
-                runtime.descriptors.run(FD_SAMPLE_INTERVAL), name="taskstream-fd-sampler"
-            ),
         ]
         logger.info("taskstream ready (pid %d)", os.getpid())
+        runtime.background.append(
+            asyncio.create_task(
+                runtime.descriptors.run(FD_SAMPLE_INTERVAL), name="taskstream-fd-sampler"
+            )
+        )
 
     @app.after_serving
     async def _stop() -> None:
