@@ -21,7 +21,6 @@ from server.auth import AuthError, TokenVerifier, verifier_from_settings
 from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.cors import apply_cors
-from server.descriptors import DescriptorWatch
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.inputguard import Utf8GuardMiddleware
@@ -31,10 +30,6 @@ from server.snapshots import SnapshotReader
 __all__ = ["Runtime", "create_app", "resolve_secret"]
 
 logger = logging.getLogger(__name__)
-
-# Often enough to log descriptor pressure while a connection storm is still on (see
-# server/descriptors.py; one sample is a stat of /proc/self/fd on Linux 6.2+).
-FD_SAMPLE_INTERVAL = 1.0
 
 
 @dataclass
@@ -49,7 +44,6 @@ class Runtime:
     draining: bool = False
     send_timeouts: int = 0
     snapshots: SnapshotReader = field(init=False)
-    descriptors: DescriptorWatch = field(default_factory=DescriptorWatch)
     # Periodic work of this process: the NOTIFY-queue sample and the metrics tally flush.
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -159,10 +153,11 @@ def create_app(settings: Settings | None = None) -> Quart:
             asyncio.create_task(flush_tally(1.0), name="taskstream-metrics-flush"),
         ]
         logger.info("taskstream ready (pid %d)", os.getpid())
+        # This process's file descriptors against its limit, for /metrics, /readyz and the log.
+        from server.descriptors import SAMPLE_INTERVAL, WATCH
+
         runtime.background.append(
-            asyncio.create_task(
-                runtime.descriptors.run(FD_SAMPLE_INTERVAL), name="taskstream-fd-sampler"
-            )
+            asyncio.create_task(WATCH.run(SAMPLE_INTERVAL), name="taskstream-fd-sampler")
         )
 
     @app.after_serving

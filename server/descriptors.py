@@ -18,12 +18,15 @@ import resource
 
 from server import metrics
 
-__all__ = ["HIGH", "LOW", "DescriptorWatch", "open_count", "soft_limit"]
+__all__ = ["HIGH", "LOW", "SAMPLE_INTERVAL", "WATCH", "DescriptorWatch", "open_count", "soft_limit"]
 
 logger = logging.getLogger(__name__)
 
 HIGH = 0.9
 LOW = 0.8
+# Often enough to log pressure while a connection storm is still on; one sample is a stat of
+# /proc/self/fd on Linux 6.2+.
+SAMPLE_INTERVAL = 1.0
 
 _FD_DIRS = ("/proc/self/fd", "/dev/fd")
 
@@ -98,3 +101,8 @@ class DescriptorWatch:
         while True:
             self.sample()
             await asyncio.sleep(interval)
+
+
+# Descriptors belong to the process, so there is one watch per process (sampled by the runtime's
+# background task, read by /readyz).
+WATCH = DescriptorWatch()

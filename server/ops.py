@@ -18,6 +18,7 @@ import asyncpg
 from quart import Blueprint, Response
 
 from server import db, metrics
+from server.descriptors import WATCH as descriptors
 from server.http import runtime
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ async def readyz() -> Response:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
         reasons.append("LISTEN connection is down")
-    if rt.descriptors.sample():
+    if descriptors.sample():
         reasons.append("file descriptors near the limit")
     try:
         await asyncio.wait_for(rt.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
