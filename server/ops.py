@@ -18,7 +18,6 @@ import asyncpg
 from quart import Blueprint, Response
 
 from server import db, metrics
-from server.descriptors import WATCH as descriptors
 from server.http import runtime
 
 if TYPE_CHECKING:
@@ -41,6 +40,8 @@ async def readyz() -> Response:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
         reasons.append("LISTEN connection is down")
+    from server.descriptors import WATCH as descriptors
+
     if descriptors.sample():
         reasons.append("file descriptors near the limit")
     try:
