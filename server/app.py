@@ -169,6 +169,12 @@ def create_app(settings: Settings | None = None) -> Quart:
             ),
         ]
         logger.info("taskstream ready (pid %d)", os.getpid())
+        # This process's file descriptors against its limit, for /metrics, /readyz and the log.
+        from server.descriptors import SAMPLE_INTERVAL, WATCH
+
+        runtime.background.append(
+            asyncio.create_task(WATCH.run(SAMPLE_INTERVAL), name="taskstream-fd-sampler")
+        )
 
     @app.after_serving
     async def _stop() -> None:

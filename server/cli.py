@@ -151,11 +151,12 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
     from hypercorn.asyncio.run import worker_serve
     from hypercorn.utils import wrap_app
 
-    from server import gctuning
+    from server import gctuning, peerclose
     from server.app import create_app
 
     app = create_app(settings)
     gctuning.apply(settings.gc_thresholds)
+    peerclose.install()
 
     async def wait_for_stop() -> None:
         stop = asyncio.Event()

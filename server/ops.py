@@ -6,7 +6,8 @@
 ``/healthz`` (in :mod:`server.app`) says the process is alive; ``/readyz`` says it can do its job:
 a load balancer or Kubernetes should send streams only to an instance whose database answers and
 whose LISTEN connection is up, because a stream opened elsewhere would get its snapshot and then
-nothing until the listener is back.
+nothing until the listener is back. It also says when the process is close to its
+file-descriptor limit (:mod:`server.descriptors`), where new connections are about to be refused.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ async def readyz() -> Response:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
         reasons.append("LISTEN connection is down")
+    from server.descriptors import WATCH as descriptors
+
+    if descriptors.sample():
+        reasons.append("file descriptors near the limit")
     try:
         await asyncio.wait_for(rt.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
