@@ -158,13 +158,10 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
     gctuning.apply(settings.gc_thresholds)
     peerclose.install()
 
+    stop = asyncio.Event()
+
     async def wait_for_stop() -> None:
-        stop = asyncio.Event()
-        if shutdown_event is None:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-        else:
+        if shutdown_event is not None:
 
             async def poll() -> None:
                 # A multiprocessing Event cannot be awaited; a blocking wait in a thread would
@@ -182,6 +179,12 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
         await app.extensions["taskstream"].drain()
 
     async def serve() -> None:
+        if shutdown_event is None:
+            # Before the app starts, not in the shutdown trigger: a SIGTERM that arrives while
+            # the app starts up (or right after "taskstream ready") must stop it cleanly too.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
         wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
         await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=wait_for_stop)
 
@@ -202,6 +205,9 @@ def _serve(args: argparse.Namespace) -> int:
     all_sockets = sockets.secure_sockets + sockets.insecure_sockets
     embedded = None
     metrics_dir = _metrics_multiprocess_dir(args.workers)
+    # Until the worker's event loop takes the signals over, SIGTERM unwinds through the
+    # `finally` below instead of killing the process with the embedded PostgreSQL running.
+    signal.signal(signal.SIGTERM, _stopped_during_startup)
     try:
         settings, embedded = _resolve_environment(settings)
         assert settings.database_url is not None
@@ -238,6 +244,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class StoppedDuringStartup(Exception):
+    """SIGTERM arrived before the server was ready to drain: nothing to drain, stop cleanly."""
+
+
+def _stopped_during_startup(_signum: int, _frame: Any) -> None:
+    raise StoppedDuringStartup
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -252,8 +266,14 @@ def _is_loopback(host: str) -> bool:
 def _run_workers(config: Any, sockets: Any) -> None:
     ctx = multiprocessing.get_context("spawn")
     shutdown_event = ctx.Event()
+
+    def stop(*_: Any) -> None:
+        shutdown_event.set()
+
+    # Taken over before any worker starts, so a SIGTERM while they start reaches them too.
+    signal.signal(signal.SIGTERM, stop)
     # Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole group); the master decides.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     processes = [
         ctx.Process(
             target=_worker,
@@ -263,13 +283,7 @@ def _run_workers(config: Any, sockets: Any) -> None:
     ]
     for p in processes:
         p.start()
-    signal.signal(signal.SIGINT, previous)
-
-    def stop(*_: Any) -> None:
-        shutdown_event.set()
-
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     from multiprocessing.connection import wait
 
     pending = list(processes)
@@ -431,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotListen as exc:
         print(f"taskstream: {exc}", file=sys.stderr)
         return 1
+    except StoppedDuringStartup:
+        logger.info("taskstream stopped during start-up")
+        return 0
     except Exception as exc:
         from server.broker import ListenerSelfCheckFailed
         from server.db import CONNECTION_ERRORS, CONNECTION_REFUSED_ERRORS

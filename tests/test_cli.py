@@ -337,13 +337,36 @@ async def test_each_migration_is_logged_once(empty_database_url: str) -> None:
     try:
         await serve.wait_ready()
     finally:
-        # The exit code is not the point here (a SIGTERM this early can beat the handlers).
-        await serve.stop()
+        code = await serve.stop()
+    assert code == 0, serve.output
     output = "".join(serve.output)
     names = [name for name, _ in migration_files()]
     assert names
     for name in names:
         assert output.count(name) == 1, output
+
+
+async def _sigterm_after(env: dict[str, str], marker: str) -> ServeProcess:
+    serve = await start_serve(env)
+    assert serve.proc.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(serve.proc.stdout.readline(), 60)).decode()
+        assert line, "server exited early:\n" + "".join(serve.output)
+        serve.output.append(line)
+        if marker in line:
+            break
+    code = await serve.stop()
+    assert code == 0, "".join(serve.output)
+    return serve
+
+
+@pytest.mark.parametrize("marker", ["listening on", "taskstream ready"])
+async def test_sigterm_during_start_up_stops_cleanly(database_url: str, marker: str) -> None:
+    """Regression: a SIGTERM between the migrations and the worker's own signal handlers
+    killed the process (exit -15), which would leave an embedded PostgreSQL running."""
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    serve = await _sigterm_after(env, marker)
+    assert "Traceback" not in "".join(serve.output)
 
 
 def test_help_texts_say_what_and_the_defaults() -> None:
