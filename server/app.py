@@ -27,6 +27,7 @@ from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.inputguard import Utf8GuardMiddleware
 from server.ratelimit import RateLimiter
+from server.schemas import Health
 from server.sendtimeout import SendTimeoutMiddleware
 from server.snapshots import SnapshotReader
 
@@ -193,6 +194,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         await runtime.verifier.aclose()
 
     @app.get("/healthz")
+    @openapi.summarize("Liveness check.", "Answers while the process serves.")
+    @openapi.responds(200, "Alive.", Health)
+    @openapi.security()
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 

@@ -23,6 +23,8 @@ from quart import Blueprint, Response, request
 
 from server import db, metrics
 from server.http import json_error, runtime
+from server.openapi import responds, security, summarize
+from server.schemas import Readiness
 
 if TYPE_CHECKING:
     from server.app import Runtime
@@ -37,6 +39,14 @@ READY_DB_TIMEOUT = 2.0
 
 
 @blueprint.get("/readyz")
+@summarize(
+    "Readiness check.",
+    "200 when the database answers and the LISTEN connection is up, so this instance "
+    "can serve streams; 503 otherwise (or while shutting down).",
+)
+@responds(200, "Ready.", Readiness)
+@responds(503, "Not ready; `reasons` says why.", Readiness, headers={"Retry-After": "2"})
+@security()
 async def readyz() -> Response:
     rt: Runtime = runtime()
     reasons: list[str] = []
@@ -65,6 +75,10 @@ def _json(body: object) -> str:
 
 
 @blueprint.get("/metrics")
+@summarize("Prometheus metrics.", "This process's metrics in the Prometheus text format.")
+@responds(200, "The metrics.", text=("text/plain", "Prometheus text exposition format 0.0.4."))
+@responds(401, "`TASKSTREAM_METRICS_TOKEN` is set and the request lacks it as a bearer.")
+@security()
 async def prometheus_metrics() -> Response:
     expected: str | None = runtime().settings.metrics_token
     if expected is not None and not _bearer_matches(request.headers.get("Authorization"), expected):
