@@ -46,9 +46,11 @@ __all__ = [
     "ValidationErrorBody",
     "field_errors",
     "install",
+    "optional_parameter",
     "parameters",
     "responds",
     "security",
+    "sse_refusals",
     "sse_responds",
     "summarize",
 ]
@@ -135,6 +137,19 @@ def sse_responds(description: str, events: dict[str, type[BaseModel]]) -> Callab
     return decorator
 
 
+def sse_refusals(forbidden: str) -> Callable[[F], F]:
+    """The answers every SSE route can give instead of a stream: 401, 403 (``forbidden``: what
+    a ticket did not cover), 429 and 503."""
+
+    def decorator(func: F) -> F:
+        responds(*ERROR_RESPONSES[401])(func)
+        responds(403, forbidden)(func)
+        responds(429, "Too many open streams for this user or process.")(func)
+        return responds(*ERROR_RESPONSES[503])(func)
+
+    return decorator
+
+
 def parameters(*params: dict[str, Any]) -> Callable[[F], F]:
     """Document parameters that no model describes (request headers, mostly)."""
 
@@ -156,29 +171,34 @@ ERROR_RESPONSES: dict[int, tuple[int, str]] = {
     503: (503, "The database is unreachable or the server is shutting down; see Retry-After."),
 }
 
+
+def optional_parameter(name: str, where: str, description: str, **schema: Any) -> dict[str, Any]:
+    """An optional string parameter ``in`` a header or the query, for :func:`parameters`."""
+    return {
+        "name": name,
+        "in": where,
+        "required": False,
+        "schema": {"type": "string", **schema},
+        "description": description,
+    }
+
+
 # What both SSE routes take besides their own parameters, and how they authenticate.
 SSE_PARAMETERS: tuple[dict[str, Any], ...] = (
-    {
-        "name": "Last-Event-ID",
-        "in": "header",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "Resume: the `id` of the last event received (EventSource sends it).",
-    },
-    {
-        "name": "lastEventId",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "The same, for EventSource polyfills that cannot set headers.",
-    },
-    {
-        "name": "ticket",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string", "maxLength": 64},
-        "description": "A single-use stream ticket from `POST /api/v1/sse/tickets`.",
-    },
+    optional_parameter(
+        "Last-Event-ID",
+        "header",
+        "Resume: the `id` of the last event received (EventSource sends it).",
+    ),
+    optional_parameter(
+        "lastEventId", "query", "The same, for EventSource polyfills that cannot set headers."
+    ),
+    optional_parameter(
+        "ticket",
+        "query",
+        "A single-use stream ticket from `POST /api/v1/sse/tickets`.",
+        maxLength=64,
+    ),
 )
 
 SSE_AUTH = (

@@ -30,12 +30,13 @@ from server.events import TaskState
 from server.http import authenticate, json_error, runtime
 from server.observe import observe_push, observed
 from server.openapi import (
-    ERROR_RESPONSES,
     SSE_AUTH,
     SSE_PARAMETERS,
+    optional_parameter,
     parameters,
     responds,
     security,
+    sse_refusals,
     sse_responds,
     summarize,
 )
@@ -217,10 +218,7 @@ class _Stream:
 @sse_responds("The event stream.", SINGLE_TASK_EVENTS)
 @responds(204, "Nothing more will come (the client already saw the end); stop.")
 @responds(400, "The task id is not valid.")
-@responds(*ERROR_RESPONSES[401])
-@responds(403, "The ticket does not cover this task (it is spent anyway).")
-@responds(429, "Too many open streams for this user or process.")
-@responds(*ERROR_RESPONSES[503])
+@sse_refusals("The ticket does not cover this task (it is spent anyway).")
 @parameters(*SSE_PARAMETERS)
 @security({"bearerAuth": []}, {"accessToken": []})
 async def task_progress(task_id: str) -> Response:
@@ -279,27 +277,19 @@ def _parse_ids(raw_values: list[str]) -> list[str] | str:
 @summarize(
     "Stream many tasks on one connection (Server-Sent Events).",
     "With `ids=a,b,c` (at most 100): every event about a task carries its `task_id`, "
-    "`complete` is sent per "
-    "task and the stream closes when every listed task is terminal; a missing or foreign "
-    "task gives an `error` event for that id. Without `ids`: all of the caller's "
-    "non-terminal tasks and the tasks they create later, until the timeout. The `id` of "
-    "an event lists the versions seen, one per listed task, for resuming. " + SSE_AUTH,
+    "`complete` is sent per task and the stream closes when every listed task is terminal; "
+    "a missing or foreign task gives an `error` event for that id. Without `ids`: all of "
+    "the caller's non-terminal tasks and the tasks they create later, until the timeout. "
+    "The `id` of an event lists the versions seen, one per listed task, for resuming. " + SSE_AUTH,
 )
 @sse_responds("The event stream; every event about a task has its `task_id`.", MULTI_TASK_EVENTS)
 @responds(204, "Resumed, and every listed task had already finished.")
 @responds(400, "`ids` is not valid (at most 100 ids, each 1 to 200 characters).")
-@responds(*ERROR_RESPONSES[401])
-@responds(403, "The ticket does not cover these tasks (it is spent anyway).")
-@responds(429, "Too many open streams for this user or process.")
-@responds(*ERROR_RESPONSES[503])
+@sse_refusals("The ticket does not cover these tasks (it is spent anyway).")
 @parameters(
-    {
-        "name": "ids",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "Comma-separated task ids; omitted: all of your open tasks.",
-    },
+    optional_parameter(
+        "ids", "query", "Comma-separated task ids; omitted: all of your open tasks."
+    ),
     *SSE_PARAMETERS,
 )
 @security({"bearerAuth": []}, {"accessToken": []})
