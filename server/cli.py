@@ -38,7 +38,7 @@ Stream the progress of long-running tasks from PostgreSQL to browsers over Serve
 
 Start with `taskstream serve` (with no DATABASE_URL it runs an embedded PostgreSQL), mint a
 token with `taskstream token USER`, and follow a task with `taskstream watch TASK_ID`.
-Settings are environment variables (TASKSTREAM_*, DATABASE_URL): see the README.
+Settings are environment variables (TASKSTREAM_*, DATABASE_URL): see docs/operations.md.
 """
 
 
