@@ -44,7 +44,7 @@ MAX_RECONNECTS = 5
 READ_TIMEOUT = 60.0
 
 # The server's terminal states (server.events.TERMINAL_STATES), copied so that the client imports
-# no server module; tests/test_cli_client.py proves the two agree.
+# no server module; tests/test_client_package.py proves the two agree.
 TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
 # The extra that brings what the watch command needs beyond the server's dependencies.
 CLIENT_EXTRA_HINT = "install taskstream[client] (pip install 'taskstream[client]')"
