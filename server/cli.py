@@ -1,5 +1,5 @@
 """The ``taskstream`` command: serve, migrate, token, and the terminal client (watch, create,
-update; see :mod:`server.termclient`).
+update; see :mod:`server.client.terminal`).
 
 ``serve`` owns process lifetime: it starts the embedded PostgreSQL once (when DATABASE_URL is
 unset), applies migrations, checks that NOTIFY reaches a LISTEN connection, binds the sockets, then
@@ -20,10 +20,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event as MPEvent
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import __version__
 from server.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from server.client.local import LocalTasks
 
 __all__ = ["main"]
 
@@ -35,7 +38,7 @@ Stream the progress of long-running tasks from PostgreSQL to browsers over Serve
 
 Start with `taskstream serve` (with no DATABASE_URL it runs an embedded PostgreSQL), mint a
 token with `taskstream token USER`, and follow a task with `taskstream watch TASK_ID`.
-Settings are environment variables (TASKSTREAM_*, DATABASE_URL): see the README.
+Settings are environment variables (TASKSTREAM_*, DATABASE_URL): see docs/operations.md.
 """
 
 
@@ -426,10 +429,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(func=_token)
 
-    from server.termclient import add_commands
+    from server.client.terminal import add_commands
 
-    add_commands(sub)
+    add_commands(sub, _local_tasks)
     return parser
+
+
+def _local_tasks() -> LocalTasks:
+    # Imported when create/update run: the API's models pull in Quart, which no other
+    # client command needs.
+    from server.localtasks import ServerTasks
+
+    return ServerTasks()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.termclient import format_eta, progress_line, render_bar
+from server.client.terminal import format_eta, progress_line, render_bar
 from tests.conftest import LiveServer, create_task
 
 WRITE = ["tasks:write"]
