@@ -56,6 +56,13 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError,
 )
 
+# Errors that mean "PostgreSQL answered, and refused": a database or role that does not exist, a
+# wrong password, a pg_hba rule. Retrying does not help; the operator must fix DATABASE_URL.
+CONNECTION_REFUSED_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+)
+
 
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL did not answer; the caller should retry later."""

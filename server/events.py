@@ -178,15 +178,19 @@ class TaskState:
 
     @property
     def eta(self) -> int | None:
-        """The writer's ``estimated_time`` if set, else the derived one (None when terminal).
+        """None for a finished (or deleted) task, else the writer's ``estimated_time`` if set,
+        else the derived one.
 
+        A finished task has no time left to estimate: null, not 0, because 0 would read as
+        "done any second now" on a task that failed or was cancelled. Writers often leave their
+        last ``estimated_time`` in the row when they set the final state, so it must not leak.
         Computed at most once per state, however many clients and requests read it.
         """
         if not self._eta_known:
-            if self.estimated_time is not None:
-                self._eta = self.estimated_time
-            elif self.terminal or self.deleted:
+            if self.terminal or self.deleted:
                 self._eta = None
+            elif self.estimated_time is not None:
+                self._eta = self.estimated_time
             else:
                 self._eta = derive_eta(
                     self.progress, self.updated_at, self.started_at, self.start_progress

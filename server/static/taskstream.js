@@ -1082,7 +1082,7 @@ class Watch {
  * origin), `onProgress(progress)`, `onComplete({ task_id, state, error? })`,
  * `onError(TaskStreamError)`, `onTimeout({ message })`, `onStatus(status, { transport, reason })`
  * with status "connecting" | "live" | "reconnecting" | "polling" | "closed", `onReady()`,
- * `refreshAhead` (ms), `tickets` (bool). See taskstream.d.ts and docs/clients.md.
+ * `refreshAhead` (ms), `tickets` (bool). See taskstream.d.ts and docs/client-lifecycle.md.
  */
 export function watchTask(taskId, options) {
   if (typeof taskId !== "string" || taskId === "") {
