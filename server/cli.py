@@ -84,12 +84,15 @@ def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
 
 async def _prepare_database(url: str) -> None:
     from server import db
-    from server.broker import Broker
+    from server.stream.listener import PgListener
+
+    async def ignore_resync() -> None:
+        return None
 
     await db.migrate(url)  # logs each migration it applies
-    broker = Broker(url)
-    await broker.start()  # includes the NOTIFY round-trip self-check
-    await broker.stop()
+    listener = PgListener(url)
+    await listener.start(lambda _state: None, ignore_resync)  # the NOTIFY round-trip self-check
+    await listener.stop()
 
 
 def _check_settings(settings: Settings) -> None:
@@ -118,7 +121,7 @@ def _bind(config: Any, host: str, port: int) -> Any:
 
 
 def _hypercorn_config(args: argparse.Namespace, settings: Settings) -> Any:
-    from hypercorn.config import Config
+    from server.hypercorn_internals import Config
 
     config = Config()
     config.bind = [f"{args.host}:{args.port}"]
@@ -148,15 +151,13 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
     settings = Settings.from_env()
     _setup_logging(settings.log_level)
     import uvloop
-    from hypercorn.asyncio.run import worker_serve
-    from hypercorn.utils import wrap_app
 
-    from server import gctuning, peerclose
+    from server import gctuning, hypercorn_internals
     from server.app import create_app
 
     app = create_app(settings)
     gctuning.apply(settings.gc_thresholds)
-    peerclose.install()
+    hypercorn_internals.install_peerclose()
 
     stop = asyncio.Event()
 
@@ -185,8 +186,9 @@ def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) ->
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-        wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
-        await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=wait_for_stop)
+        await hypercorn_internals.serve(
+            app, config, sockets=sockets, shutdown_trigger=wait_for_stop
+        )
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve())
@@ -449,8 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("taskstream stopped during start-up")
         return 0
     except Exception as exc:
-        from server.broker import ListenerSelfCheckFailed
         from server.db import CONNECTION_ERRORS, CONNECTION_REFUSED_ERRORS
+        from server.stream.listener import ListenerSelfCheckFailed
 
         if isinstance(exc, ListenerSelfCheckFailed):
             print(f"taskstream: refusing to start: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import httpx
 
-from server.events import TERMINAL_STATES
+from server.tasks import TERMINAL_STATES
 
 __all__ = ["add_commands", "format_eta", "render_bar"]
 
@@ -362,7 +362,8 @@ class _Database:
 
 
 async def _create(args: argparse.Namespace) -> str:
-    from server.api import TaskCreate, new_task_id
+    from server.task_models import TaskCreate
+    from server.tasks import new_task_id
 
     fields: dict[str, Any] = {}
     if args.id is not None:
@@ -399,7 +400,7 @@ async def _create(args: argparse.Namespace) -> str:
 
 
 async def _update(args: argparse.Namespace) -> str:
-    from server.api import TaskPatch
+    from server.task_models import TaskPatch
 
     fields: dict[str, Any] = {}
     if args.state is not None:
