@@ -76,20 +76,17 @@ async def _no_resync() -> None:
 
 
 class PgListener:
-    """Owns one process's LISTEN connection and keeps it alive."""
+    """Owns one process's LISTEN connection and keeps it alive.
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        check_interval: float = 5.0,
-        fallback_poll: float = 2.0,
-        selfcheck_timeout: float = 5.0,
-    ) -> None:
-        self._dsn = dsn
-        self.check_interval = check_interval
-        self.fallback_poll = fallback_poll
-        self.selfcheck_timeout = selfcheck_timeout
+    ``check_interval``: seconds between liveness checks (TASKSTREAM_LISTENER_CHECK);
+    ``fallback_poll``: seconds between resyncs while the connection is down.
+    """
+
+    # Seconds the start-up NOTIFY round trip may take.
+    selfcheck_timeout = 5.0
+
+    def __init__(self, dsn: str, *, check_interval: float = 5, fallback_poll: float = 2) -> None:
+        self._dsn, self.check_interval, self.fallback_poll = dsn, check_interval, fallback_poll
         self._on_change: OnChange = lambda _state: None
         self._on_resync: OnResync = _no_resync
         self._conn: asyncpg.Connection | None = None
