@@ -1,7 +1,9 @@
 """The Quart application and the per-process runtime it serves from.
 
-Each server process (each Hypercorn worker) builds one :class:`Runtime` at start-up: a connection
-pool for queries and one :class:`~server.broker.Broker` holding the process's LISTEN connection.
+Each server process (each Hypercorn worker) builds one :class:`~server.runtime.Runtime` at
+start-up: a connection pool for queries, and the stream registry
+(:class:`~server.stream.registry.Registry`) fed by the process's one LISTEN connection
+(:class:`~server.stream.listener.PgListener`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ TaskId = Annotated[
         max_length=MAX_TASK_ID,
         pattern=_NO_CONTROL,
         strict=True,
-        description="1 to 200 characters, no control characters.",
+        description=f"1 to {MAX_TASK_ID} characters, no control characters.",
         examples=["task_abc123"],
     ),
 ]
@@ -100,7 +100,8 @@ class TaskPatch(BaseModel):
     progress: Progress | None = None
     estimated_time: Eta | None = None
     error: ErrorText | None = Field(
-        default=None, description="Why the task failed (at most 1000 characters), or null."
+        default=None,
+        description=f"Why the task failed (at most {MAX_ERROR} characters), or null.",
     )
 
     @field_validator("state", "progress")
