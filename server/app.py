@@ -1,7 +1,9 @@
 """The Quart application and the per-process runtime it serves from.
 
-Each server process (each Hypercorn worker) builds one :class:`Runtime` at start-up: a connection
-pool for queries and one :class:`~server.broker.Broker` holding the process's LISTEN connection.
+Each server process (each Hypercorn worker) builds one :class:`~server.runtime.Runtime` at
+start-up: a connection pool for queries, and the stream registry
+(:class:`~server.stream.registry.Registry`) fed by the process's one LISTEN connection
+(:class:`~server.stream.listener.PgListener`).
 """
 
 from __future__ import annotations
@@ -9,66 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-from hypercorn.middleware import ProxyFixMiddleware
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from server import db, metrics, tickets
-from server.auth import AuthError, TokenVerifier, verifier_from_settings
-from server.broker import Broker
+from server import db, hypercorn_internals, metrics, openapi, tickets
+from server.api import CANCEL_ALLOW, is_cancel_url
+from server.api import blueprint as api_blueprint
+from server.auth import AuthError, verifier_from_settings
 from server.config import ConfigError, Settings
 from server.cors import apply_cors
 from server.csrf import CrossSiteRequestRefused
+from server.descriptors import SAMPLE_INTERVAL, WATCH
 from server.embedded import load_or_create_secret
-from server.http import json_error
+from server.http import json_error, unavailable
+from server.hypercorn_internals import ProxyFixMiddleware
 from server.inputguard import Utf8GuardMiddleware
-from server.ratelimit import RateLimiter
+from server.ops import blueprint as ops_blueprint
+from server.ops import flush_tally, sample_queue_usage
+from server.runtime import Runtime
 from server.schemas import Health
 from server.sendtimeout import SendTimeoutMiddleware
-from server.snapshots import SnapshotReader
+from server.stream.listener import PgListener
+from server.stream.registry import Registry
+from server.stream.routes import blueprint as streams_blueprint
+from server.tickets_api import blueprint as tickets_blueprint
+from server.web import blueprint as web_blueprint
 
 __all__ = ["Runtime", "create_app", "resolve_secret"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    """Everything a request handler needs, created in ``before_serving``."""
-
-    settings: Settings
-    dsn: str
-    verifier: TokenVerifier
-    pool: asyncpg.Pool = field(init=False)
-    broker: Broker = field(init=False)
-    draining: bool = False
-    send_timeouts: int = 0
-    snapshots: SnapshotReader = field(init=False)
-    ticket_limiter: RateLimiter = field(init=False)
-    # Periodic work of this process: the NOTIFY-queue sample and the metrics tally flush.
-    background: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.snapshots = SnapshotReader(lambda: self.pool)
-        self.ticket_limiter = RateLimiter(self.settings.ticket_rate)
-
-    def count_send_timeout(self) -> None:
-        self.send_timeouts += 1
-        metrics.STREAM_ERRORS.labels("send_timeout").inc()
-
-    async def drain(self) -> None:
-        """Graceful shutdown, step one: refuse new streams and ask open ones to close.
-
-        Each open stream sends a final ``retry:`` (with jitter, so thousands of clients do not
-        come back in the same second) and ends; Hypercorn then waits for the sockets to close.
-        """
-        self.draining = True
-        for sub in self.broker.subscriptions:
-            sub.close("shutdown")
 
 
 def resolve_secret(settings: Settings, *, embedded: bool) -> str | None:
@@ -109,13 +82,6 @@ def create_app(settings: Settings | None = None) -> Quart:
     # App-wide, so routes that other modules register later get the same CORS answers.
     apply_cors(app, settings.cors_origins)
 
-    from server import openapi
-    from server.api import blueprint as api_blueprint
-    from server.ops import blueprint as ops_blueprint
-    from server.ops import flush_tally, sample_queue_usage
-    from server.streams import blueprint as streams_blueprint
-    from server.web import blueprint as web_blueprint
-
     app.register_blueprint(streams_blueprint)
     app.register_blueprint(ops_blueprint)
     app.register_blueprint(api_blueprint)
@@ -124,8 +90,6 @@ def create_app(settings: Settings | None = None) -> Quart:
         from server.demo import blueprint as demo_blueprint
 
         app.register_blueprint(demo_blueprint)
-    from server.tickets_api import blueprint as tickets_blueprint
-
     app.register_blueprint(tickets_blueprint)
     send_timeout = SendTimeoutMiddleware(
         app.asgi_app, settings.send_timeout, on_timeout=runtime.count_send_timeout
@@ -143,14 +107,19 @@ def create_app(settings: Settings | None = None) -> Quart:
     @app.before_serving
     async def _start() -> None:
         await runtime.verifier.start()  # prefetch the JWKS, if any
+        # Once per process: whether the server internals the streams use are as expected.
+        hypercorn_internals.check()
         runtime.pool = await db.create_pool(runtime.dsn)
-        runtime.broker = Broker(
+        listener = PgListener(
             runtime.dsn,
-            pool=runtime.pool,
-            max_streams=settings.max_streams,
-            max_streams_per_user=settings.max_streams_per_user,
             check_interval=settings.listener_check_interval,
             fallback_poll=settings.fallback_poll,
+        )
+        runtime.broker = Registry(
+            listener,
+            runtime.pool,
+            max_streams=settings.max_streams,
+            max_streams_per_user=settings.max_streams_per_user,
         )
         try:
             await runtime.broker.start()
@@ -171,8 +140,6 @@ def create_app(settings: Settings | None = None) -> Quart:
         ]
         logger.info("taskstream ready (pid %d)", os.getpid())
         # This process's file descriptors against its limit, for /metrics, /readyz and the log.
-        from server.descriptors import SAMPLE_INTERVAL, WATCH
-
         runtime.background.append(
             asyncio.create_task(WATCH.run(SAMPLE_INTERVAL), name="taskstream-fd-sampler")
         )
@@ -217,18 +184,22 @@ def create_app(settings: Settings | None = None) -> Quart:
     async def _http_error(exc: HTTPException) -> Response:
         if isinstance(exc, MethodNotAllowed):
             # RFC 9110 15.5.6: a 405 must say which methods the resource does allow.
-            from server.api import CANCEL_ALLOW, is_cancel_url
-
             allowed = (
                 CANCEL_ALLOW if is_cancel_url() else ", ".join(sorted(exc.valid_methods or ()))
             )
             return json_error(405, exc.name, Allow=allowed)
         return json_error(exc.code or 500, exc.name)
 
+    async def _database_error(_exc: Exception) -> Response:
+        # The one handler of a database that does not answer (or refuses a query): routes let
+        # these through instead of catching them one by one.
+        return unavailable()
+
+    for error_class in db.DATABASE_ERRORS:
+        app.register_error_handler(error_class, _database_error)
+
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
-        if isinstance(exc, db.CONNECTION_ERRORS):
-            return json_error(503, "Database unavailable", Retry_After="2")
         logger.exception("unhandled error")
         return json_error(500, "Internal server error")
 

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Sequence
-from multiprocessing.synchronize import Event as MPEvent
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from server import __version__
 from server.config import ConfigError, Settings
+from server.workers import (
+    CannotListen,
+    bind,
+    hypercorn_config,
+    metrics_multiprocess_dir,
+    run_worker,
+    run_workers,
+    setup_logging,
+)
 
 if TYPE_CHECKING:
     from server.client.local import LocalTasks
@@ -40,31 +45,6 @@ Start with `taskstream serve` (with no DATABASE_URL it runs an embedded PostgreS
 token with `taskstream token USER`, and follow a task with `taskstream watch TASK_ID`.
 Settings are environment variables (TASKSTREAM_*, DATABASE_URL): see docs/operations.md.
 """
-
-
-class CannotListen(RuntimeError):
-    """The server could not bind its address (the port is in use, or the host is wrong)."""
-
-
-def _setup_logging(level: str) -> None:
-    from server.logs import setup_logging
-
-    setup_logging(level)
-
-
-def _metrics_multiprocess_dir(workers: int) -> str | None:
-    """With several workers, give prometheus-client a shared directory (see server/metrics.py).
-
-    Returns the directory this command created, to remove at exit; None when there is nothing
-    to clean up (one worker, or a directory the operator chose with PROMETHEUS_MULTIPROC_DIR).
-    Set before anything imports prometheus_client: it picks its storage at import time.
-    """
-    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        return None
-    path = tempfile.mkdtemp(prefix="taskstream-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    logger.info("metrics of %d workers merged through %s", workers, path)
-    return path
 
 
 def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
@@ -87,12 +67,15 @@ def _resolve_environment(settings: Settings) -> tuple[Settings, Any]:
 
 async def _prepare_database(url: str) -> None:
     from server import db
-    from server.broker import Broker
+    from server.stream.listener import PgListener
+
+    async def ignore_resync() -> None:
+        return None
 
     await db.migrate(url)  # logs each migration it applies
-    broker = Broker(url)
-    await broker.start()  # includes the NOTIFY round-trip self-check
-    await broker.stop()
+    listener = PgListener(url)
+    await listener.start(lambda _state: None, ignore_resync)  # the NOTIFY round-trip self-check
+    await listener.stop()
 
 
 def _check_settings(settings: Settings) -> None:
@@ -109,105 +92,19 @@ def _check_settings(settings: Settings) -> None:
     )
 
 
-def _bind(config: Any, host: str, port: int) -> Any:
-    """Bind the listening sockets, or say in one line why not."""
-    try:
-        return config.create_sockets()
-    except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        if exc.errno == errno.EADDRINUSE:
-            reason += " (is another server running there? stop it, or choose another --port)"
-        raise CannotListen(f"cannot listen on {host}:{port}: {reason}") from None
-
-
-def _hypercorn_config(args: argparse.Namespace, settings: Settings) -> Any:
-    from hypercorn.config import Config
-
-    config = Config()
-    config.bind = [f"{args.host}:{args.port}"]
-    config.worker_class = "uvloop"
-    config.workers = args.workers
-    # Streams get SHUTDOWN_GRACE to say goodbye; Hypercorn waits a little longer than that.
-    config.graceful_timeout = settings.shutdown_grace + 1.0
-    config.keep_alive_timeout = 75
-    # Hypercorn's default backlog (100) overflows in a reconnect storm and costs clients 1-3 s
-    # SYN retries; the kernel caps it at net.core.somaxconn anyway.
-    config.backlog = 4096
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    # A structured access log built from the path only: never the query string or headers.
-    from server.logs import AccessLogger
-
-    config.logger_class = AccessLogger
-    if args.certfile:
-        config.certfile = args.certfile
-        config.keyfile = args.keyfile
-        config.alpn_protocols = ["h2", "http/1.1"]
-    return config
-
-
-def _worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None) -> None:
-    """Run one server process until a signal (single process) or the master's shutdown event."""
-    settings = Settings.from_env()
-    _setup_logging(settings.log_level)
-    import uvloop
-    from hypercorn.asyncio.run import worker_serve
-    from hypercorn.utils import wrap_app
-
-    from server import gctuning, peerclose
-    from server.app import create_app
-
-    app = create_app(settings)
-    gctuning.apply(settings.gc_thresholds)
-    peerclose.install()
-
-    stop = asyncio.Event()
-
-    async def wait_for_stop() -> None:
-        if shutdown_event is not None:
-
-            async def poll() -> None:
-                # A multiprocessing Event cannot be awaited; a blocking wait in a thread would
-                # keep the interpreter from exiting, so poll it cheaply.
-                while not shutdown_event.is_set():  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)
-                stop.set()
-
-            poller = asyncio.create_task(poll())
-        await stop.wait()
-        if shutdown_event is not None:
-            poller.cancel()
-        # Stop taking streams and tell open ones to reconnect elsewhere, then let Hypercorn
-        # wait for them to close.
-        await app.extensions["taskstream"].drain()
-
-    async def serve() -> None:
-        if shutdown_event is None:
-            # Before the app starts, not in the shutdown trigger: a SIGTERM that arrives while
-            # the app starts up (or right after "taskstream ready") must stop it cleanly too.
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-        wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
-        await worker_serve(wrapped, config, sockets=sockets, shutdown_trigger=wait_for_stop)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve())
-
-
 def _serve(args: argparse.Namespace) -> int:
     if args.demo:
         # Workers are spawned processes: they learn about demo mode from the environment.
         os.environ["TASKSTREAM_DEMO"] = "1"
     settings = Settings.from_env()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     _check_settings(settings)
-    config = _hypercorn_config(args, settings)
+    config = hypercorn_config(args, settings)
     # Bind before the database: a port in use fails fast, before anything else is started.
-    sockets = _bind(config, args.host, args.port)
+    sockets = bind(config, args.host, args.port)
     all_sockets = sockets.secure_sockets + sockets.insecure_sockets
     embedded = None
-    metrics_dir = _metrics_multiprocess_dir(args.workers)
+    metrics_dir = metrics_multiprocess_dir(args.workers)
     # Until the worker's event loop takes the signals over, SIGTERM unwinds through the
     # `finally` below instead of killing the process with the embedded PostgreSQL running.
     signal.signal(signal.SIGTERM, _stopped_during_startup)
@@ -229,9 +126,9 @@ def _serve(args: argparse.Namespace) -> int:
                     "demo mode on a non-loopback address (%s): never in production", args.host
                 )
         if args.workers <= 1:
-            _worker(config, sockets)
+            run_worker(config, sockets)
         else:
-            _run_workers(config, sockets)
+            run_workers(config, sockets)
     finally:
         # We are stopping already: a second Ctrl-C or SIGTERM must not cut the clean-up short
         # and leave the embedded PostgreSQL running.
@@ -266,46 +163,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _run_workers(config: Any, sockets: Any) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    shutdown_event = ctx.Event()
-
-    def stop(*_: Any) -> None:
-        shutdown_event.set()
-
-    # Taken over before any worker starts, so a SIGTERM while they start reaches them too.
-    signal.signal(signal.SIGTERM, stop)
-    # Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole group); the master decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    processes = [
-        ctx.Process(
-            target=_worker,
-            kwargs={"config": config, "sockets": sockets, "shutdown_event": shutdown_event},
-        )
-        for _ in range(config.workers)
-    ]
-    for p in processes:
-        p.start()
-    signal.signal(signal.SIGINT, stop)
-    from multiprocessing.connection import wait
-
-    pending = list(processes)
-    while pending:
-        done = wait([p.sentinel for p in pending])
-        pending = [p for p in pending if p.sentinel not in done]
-        if pending and not shutdown_event.is_set():
-            # One worker died on its own: bring the others down rather than serve half a pool.
-            logger.error("a worker exited unexpectedly; stopping the others")
-            shutdown_event.set()
-    for p in processes:
-        p.join()
-
-
 def _migrate(_args: argparse.Namespace) -> int:
     from server import db
 
     settings = Settings.from_env()
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level)
     settings, embedded = _resolve_environment(settings)
     assert settings.database_url is not None
     try:
@@ -354,6 +216,15 @@ def _port(raw: str) -> int:
     return value
 
 
+def _command(
+    sub: Any, func: Callable[[argparse.Namespace], int], name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """Add the subcommand ``name`` that runs ``func``."""
+    command: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=description)
+    command.set_defaults(func=func)
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskstream",
@@ -400,19 +271,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
 
-    migrate = sub.add_parser(
+    _command(
+        sub,
+        _migrate,
         "migrate",
-        help="apply pending migrations and exit",
-        description="Apply pending migrations (sql/*.sql) to DATABASE_URL, or to the embedded "
-        "PostgreSQL when it is unset, and exit.",
+        "apply pending migrations and exit",
+        "Apply pending migrations (sql/*.sql) to DATABASE_URL, or to the embedded PostgreSQL when "
+        "it is unset, and exit.",
     )
-    migrate.set_defaults(func=_migrate)
-
-    token = sub.add_parser(
+    token = _command(
+        sub,
+        _token,
         "token",
-        help="print a signed JWT for SUB",
-        description="Print an HS256 JWT for the user SUB, signed with TASKSTREAM_JWT_SECRET (or, "
-        "with no DATABASE_URL, the secret generated in the data directory).",
+        "print a signed JWT for SUB",
+        "Print an HS256 JWT for the user SUB, signed with TASKSTREAM_JWT_SECRET (or, with no "
+        "DATABASE_URL, the secret generated in the data directory).",
     )
     token.add_argument("sub", metavar="SUB", help="the user (the token's sub claim)")
     token.add_argument(
@@ -427,7 +300,6 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="add a scope, e.g. tasks:write for workers (repeatable; default: none)",
     )
-    token.set_defaults(func=_token)
 
     from server.client.terminal import add_commands
 
@@ -460,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("taskstream stopped during start-up")
         return 0
     except Exception as exc:
-        from server.broker import ListenerSelfCheckFailed
         from server.db import CONNECTION_ERRORS, CONNECTION_REFUSED_ERRORS
+        from server.stream.listener import ListenerSelfCheckFailed
 
         if isinstance(exc, ListenerSelfCheckFailed):
             print(f"taskstream: refusing to start: {exc}", file=sys.stderr)

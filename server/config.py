@@ -7,8 +7,10 @@ Hypercorn worker process (which inherits the environment) and for docker-compose
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import platformdirs
 
@@ -16,35 +18,34 @@ from server.cors import parse_origins
 
 __all__ = ["ConfigError", "Settings"]
 
+_N = TypeVar("_N", int, float)
+
 
 class ConfigError(ValueError):
     """A setting has a value that taskstream cannot run with."""
 
 
-def _float(env: dict[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+def _number(
+    env: dict[str, str], name: str, default: _N, minimum: _N, parse: Callable[[str], _N], kind: str
+) -> _N:
     raw = env.get(name, "")
     if raw == "":
         return default
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _float(env: dict[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    return _number(env, name, default, minimum, float, "a number of seconds")
 
 
 def _int(env: dict[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
+    return _number(env, name, default, minimum, int, "a whole number")
 
 
 # See server/gctuning.py for why the server does not run with the interpreter's (700, 10, 10).

@@ -1,7 +1,7 @@
 """Database access: the connection pool, schema migrations and the task queries.
 
-The LISTEN connection is *not* here: it lives in :mod:`server.broker` on a dedicated connection,
-because a pool runs ``UNLISTEN *`` whenever it takes a connection back.
+The LISTEN connection is *not* here: it lives in :mod:`server.stream.listener` on a dedicated
+connection, because a pool runs ``UNLISTEN *`` whenever it takes a connection back.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from typing import Any
 
 import asyncpg
 
-from server.events import TaskState
+from server.tasks import TERMINAL_ORDER, TaskState
 
 __all__ = [
+    "CONNECTION_ERRORS",
+    "DATABASE_ERRORS",
     "MIGRATION_LOCK_KEY",
     "DatabaseUnavailable",
     "TaskChange",
@@ -44,6 +46,9 @@ TASK_COLUMNS = (
     " started_at, start_progress, owner_since"
 )
 
+# The terminal states as an SQL list, from the one definition in server/tasks.py.
+TERMINAL_SQL = "(" + ", ".join(f"'{state}'" for state in TERMINAL_ORDER) + ")"
+
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad input.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     OSError,
@@ -55,6 +60,9 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.InterfaceError,
     TimeoutError,
 )
+# Every error a query can end with that is the database's, not the caller's: unreachable, or
+# refusing the statement. Request handlers let these through to the app's one handler (503).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 # Errors that mean "PostgreSQL answered, and refused": a database or role that does not exist, a
 # wrong password, a pg_hba rule. Retrying does not help; the operator must fix DATABASE_URL.
@@ -155,7 +163,7 @@ async def fetch_open_tasks(
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         rows = await conn.fetch(
             f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE owner_id = $1"
-            " AND state NOT IN ('success', 'failed', 'cancelled') ORDER BY created_at, id",
+            f" AND state NOT IN {TERMINAL_SQL} ORDER BY created_at, id",
             owner_id,
         )
         now: datetime = await conn.fetchval("SELECT clock_timestamp()")
@@ -197,10 +205,7 @@ async def fetch_joined_tasks(
 
 
 # -- the task API's queries ------------------------------------------------------------------
-# Every value is a parameter; the SQL text is fixed. The terminal states are spelled out here and
-# in events.TERMINAL_STATES (a test keeps the two in step).
-
-TERMINAL_SQL = "('success', 'failed', 'cancelled')"
+# Every value is a parameter; the SQL text is fixed.
 
 
 async def insert_task(

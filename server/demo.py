@@ -29,8 +29,8 @@ from quart_schema.extension import hide
 
 from server import db
 from server.auth import issue_token
-from server.events import TERMINAL_STATES, TaskState
 from server.http import authenticate, json_error, runtime
+from server.tasks import TERMINAL_STATES, TaskState
 
 __all__ = [
     "DEMO_TASK_PREFIX",
@@ -150,7 +150,7 @@ async def run_simulator(pool: asyncpg.Pool, *, speed: float = 1.0) -> None:
     while True:
         try:
             await simulate_once(pool, speed=speed)
-        except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except db.DATABASE_ERRORS as exc:
             logger.warning("demo worker: database error, retrying: %s", exc)
         await asyncio.sleep(TICK_SECONDS)
 

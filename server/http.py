@@ -1,4 +1,4 @@
-"""Small HTTP helpers shared by every route: JSON errors and request authentication."""
+"""Small HTTP helpers shared by every route: JSON errors, the runtime, request authentication."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ from typing import Any
 
 from quart import Response, current_app, jsonify, request
 
-from server import tickets
+from server import metrics, tickets
 from server.auth import AuthError, Principal, extract_token
 from server.csrf import check_cookie_request
+from server.runtime import Runtime
 
-__all__ = ["authenticate", "json_error", "runtime"]
+__all__ = ["STREAM_PREFIX", "authenticate", "json_error", "runtime", "unavailable"]
+
+# The SSE stream routes, whose refusals count in taskstream_stream_errors_total.
+STREAM_PREFIX = "/api/v1/sse/tasks"
 
 
 def json_error(status: int, error: str, detail: Any = None, **headers: str) -> Response:
@@ -27,9 +31,20 @@ def json_error(status: int, error: str, detail: Any = None, **headers: str) -> R
     return response
 
 
-def runtime() -> Any:
-    """The per-process :class:`server.app.Runtime` (pool, broker, verifier, settings)."""
-    return current_app.extensions["taskstream"]
+def unavailable() -> Response:
+    """503 for a database (or LISTEN connection) that does not answer: the one such answer.
+
+    The app's error handler gives it for every database error a route lets through.
+    """
+    if request.path.startswith(STREAM_PREFIX):
+        metrics.STREAM_ERRORS.labels("unavailable").inc()
+    return json_error(503, "Database unavailable", Retry_After="2")
+
+
+def runtime() -> Runtime:
+    """The per-process :class:`server.runtime.Runtime` (pool, registry, verifier, settings)."""
+    rt: Runtime = current_app.extensions["taskstream"]
+    return rt
 
 
 def _single_arg(name: str) -> str | None:
@@ -82,7 +97,7 @@ async def authenticate(
     return principal
 
 
-async def _redeem(rt: Any, ticket: str, task_ids: Collection[str] | None) -> Principal:
+async def _redeem(rt: Runtime, ticket: str, task_ids: Collection[str] | None) -> Principal:
     redeemed = await tickets.redeem(rt.pool, ticket)
     if redeemed is None:
         raise AuthError("Invalid, used or expired ticket", token_sent=True)

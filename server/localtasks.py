@@ -14,10 +14,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server import db
-from server.api import TaskCreate, TaskPatch, new_task_id
 from server.client.local import DatabaseUnreachable, InvalidInput, TaskRefused
 from server.config import Settings
 from server.openapi import field_errors
+from server.task_models import TaskCreate, TaskPatch
+from server.tasks import new_task_id
 
 __all__ = ["ServerTasks"]
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from hypercorn.logging import Logger as HypercornLogger
+from server.hypercorn_internals import HypercornLogger
 
 __all__ = ["AccessLogger", "JsonFormatter", "forwarded_client", "redact", "setup_logging"]
 

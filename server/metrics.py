@@ -48,9 +48,6 @@ __all__ = [
     "TALLY",
     "GaugedEvent",
     "Tally",
-    "error_reason",
-    "event_type",
-    "split_events",
     "render",
 ]
 
@@ -116,9 +113,6 @@ MAX_FDS = Gauge(
     multiprocess_mode="liveall",
 )
 
-# Stream-ending error events, told apart by their (fixed, server-written) data.
-_ERROR_REASONS = ((b"Token expired", "token_expired"), (b"Task not found", "not_found"))
-
 
 class Tally:
     """The per-event metrics of the data path, counted in plain Python and flushed into
@@ -136,7 +130,7 @@ class Tally:
         self._bounds = PUSH_LATENCY._upper_bounds  # ends with +Inf
         self.push_counts = [0] * len(self._bounds)
         self.push_sum = 0.0
-        # Progress events written straight to the socket (server/streams.py, _direct_write);
+        # Progress events written straight to the socket (server/stream/routes.py, _direct_write);
         # cumulative, not exported: tests read it to prove the direct path is taken.
         self.direct_writes = 0
 
@@ -169,32 +163,8 @@ class Tally:
 TALLY = Tally()
 
 
-def split_events(chunk: bytes) -> list[bytes]:
-    """The events in one written chunk (each :mod:`server.sse` event ends with a blank line)."""
-    return [part + b"\n\n" for part in chunk.split(b"\n\n") if part]
-
-
-def event_type(chunk: bytes) -> str:
-    """The kind of one encoded SSE chunk, as :mod:`server.sse` writes it."""
-    if chunk.startswith(b"event: "):
-        return chunk[7 : chunk.index(b"\n")].decode("utf-8", "replace")
-    if chunk.startswith(b":"):
-        return "heartbeat"
-    if chunk.startswith(b"retry:"):
-        return "retry"
-    return "message"
-
-
-def error_reason(chunk: bytes) -> str:
-    """Why a stream-ending ``error`` event was sent."""
-    for marker, reason in _ERROR_REASONS:
-        if marker in chunk:
-            return reason
-    return "error"
-
-
 class GaugedEvent(asyncio.Event):
-    """An :class:`asyncio.Event` mirrored into a 0/1 gauge, so ``broker.connected`` needs no
+    """An :class:`asyncio.Event` mirrored into a 0/1 gauge, so ``listener.connected`` needs no
     separate bookkeeping at each place that sets or clears it."""
 
     def __init__(self, gauge: Gauge) -> None:

@@ -16,18 +16,15 @@ import asyncio
 import hmac
 import json
 import logging
-from typing import TYPE_CHECKING
 
 import asyncpg
 from quart import Blueprint, Response, request
 
 from server import db, metrics
+from server.descriptors import WATCH as descriptors
 from server.http import json_error, runtime
 from server.openapi import responds, security, summarize
 from server.schemas import Readiness
-
-if TYPE_CHECKING:
-    from server.app import Runtime
 
 __all__ = ["blueprint", "flush_tally", "sample_queue_usage"]
 
@@ -48,19 +45,17 @@ READY_DB_TIMEOUT = 2.0
 @responds(503, "Not ready; `reasons` says why.", Readiness, headers={"Retry-After": "2"})
 @security()
 async def readyz() -> Response:
-    rt: Runtime = runtime()
+    rt = runtime()
     reasons: list[str] = []
     if rt.draining:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
         reasons.append("LISTEN connection is down")
-    from server.descriptors import WATCH as descriptors
-
     if descriptors.sample():
         reasons.append("file descriptors near the limit")
     try:
         await asyncio.wait_for(rt.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
-    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
+    except db.DATABASE_ERRORS:
         reasons.append("database does not answer")
     if reasons:
         body = {"status": "unavailable", "reasons": reasons}
@@ -80,7 +75,7 @@ def _json(body: object) -> str:
 @responds(401, "`TASKSTREAM_METRICS_TOKEN` is set and the request lacks it as a bearer.")
 @security()
 async def prometheus_metrics() -> Response:
-    expected: str | None = runtime().settings.metrics_token
+    expected = runtime().settings.metrics_token
     if expected is not None and not _bearer_matches(request.headers.get("Authorization"), expected):
         # Not an AuthError: that handler counts stream errors and speaks of JWTs.
         return json_error(401, "Metrics token required", WWW_Authenticate='Bearer realm="metrics"')
@@ -107,7 +102,7 @@ async def sample_queue_usage(pool: asyncpg.Pool, interval: float) -> None:
                 pool.fetchval("SELECT pg_notification_queue_usage()"), interval
             )
             metrics.NOTIFY_QUEUE_USAGE.set(float(usage))
-        except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except db.DATABASE_ERRORS as exc:
             logger.debug("notification queue sample failed: %s", type(exc).__name__)
         await asyncio.sleep(interval)
 

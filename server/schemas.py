@@ -1,9 +1,10 @@
 """The documented JSON shapes that no route module owns: error bodies, health, and SSE event data.
 
-These models are documentation only: the server builds its bodies and events elsewhere (the SSE
-events in :mod:`server.events`). ``tests/test_openapi_events.py`` reads real streams from a real
-server and checks every event's ``data`` against the schemas served at ``/openapi.json``, both
-ways, so what is documented here and what goes on the wire cannot drift apart.
+These models are documentation only: the server builds its bodies and events elsewhere (the
+SSE events in :mod:`server.stream.encoder`). ``tests/test_openapi_events.py`` reads real streams
+from a real server and checks every event's ``data`` against the schemas served at
+``/openapi.json``, both ways, so what is documented here and what goes on the wire cannot
+drift apart.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Disconnect stream clients whose socket accepts nothing for ``TASKSTREAM_SEND_TIMEOUT``.
 
 A client that stops reading costs only its mailbox (one pending state per task, see
-:class:`server.broker.Subscription`), but its connection would stay open for ever. This ASGI
+:class:`server.stream.mailbox.Subscription`), but its connection would stay open for ever. This ASGI
 middleware notes when each ``send`` of a stream response starts and ends; one watchdog per process
 looks for sends stuck past the limit and aborts their TCP connection (discarding what is
 buffered). Hypercorn then reports the disconnect and the stream's clean-up runs as for any other.
@@ -19,34 +19,33 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.transport import find_transport
+from server import hypercorn_internals
+from server.hypercorn_internals import Connection
 
-__all__ = ["RAW_SEND", "SendTimeoutMiddleware"]
+__all__ = ["CONNECTION", "SendTimeoutMiddleware", "connection_of"]
 
-RAW_SEND = "taskstream.raw_send"
+# The scope key of the request's resolved connection (server/hypercorn_internals.py), or None.
+CONNECTION = "taskstream.connection"
 
 logger = logging.getLogger(__name__)
 
+
+def connection_of(scope: Any) -> Connection | None:
+    """The connection this middleware resolved for a stream request, if any."""
+    connection: Connection | None = scope.get(CONNECTION)
+    return connection
+
+
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
-
-
-def _abort_transport(send: Any) -> bool:
-    """Abort the connection behind Hypercorn's ``send`` (closing politely would wait for the stuck
-    buffer to drain, which never happens). False if the transport cannot be found."""
-    transport = find_transport(send)
-    if transport is None:
-        return False
-    transport.abort()
-    return True
 
 
 class _Sending:
     """One stream response: when its current send started (0.0 when none is in progress)."""
 
-    __slots__ = ("aborted", "send", "since")
+    __slots__ = ("aborted", "connection", "since")
 
-    def __init__(self, send: Any) -> None:
-        self.send = send
+    def __init__(self, connection: Connection | None) -> None:
+        self.connection = connection
         self.since = 0.0
         self.aborted = False
 
@@ -76,9 +75,11 @@ class SendTimeoutMiddleware:
         loop = asyncio.get_running_loop()
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch(), name="taskstream-send-watchdog")
-        entry = _Sending(send)
-        # For the stream's direct fan-out write (server/streams.py): Hypercorn's own send.
-        scope[RAW_SEND] = send
+        # Resolved once per request, for the abort below and the stream's direct fan-out write
+        # (server/stream/routes.py).
+        connection = hypercorn_internals.resolve(send)
+        entry = _Sending(connection)
+        scope[CONNECTION] = connection
 
         async def tracked_send(message: Any) -> None:
             entry.since = loop.time()
@@ -102,7 +103,9 @@ class SendTimeoutMiddleware:
             for entry in list(self._active):
                 if entry.since and not entry.aborted and now - entry.since > self.timeout:
                     entry.aborted = True
-                    if _abort_transport(entry.send):
+                    # Abort: closing politely would wait for the stuck buffer to drain.
+                    if entry.connection is not None:
+                        entry.connection.abort()
                         logger.info(
                             "stream client accepted nothing for %.1f s; disconnected", self.timeout
                         )

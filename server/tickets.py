@@ -114,7 +114,7 @@ async def run_sweeper(pool: asyncpg.Pool, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             swept = await sweep(pool)
-        except (*db.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        except db.DATABASE_ERRORS as exc:
             logger.debug("ticket sweep failed: %s", type(exc).__name__)
             continue
         if swept:

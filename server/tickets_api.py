@@ -17,7 +17,7 @@ from server import tickets
 from server.http import authenticate, json_error, runtime
 from server.openapi import responds, security, summarize
 from server.ratelimit import retry_after
-from server.streams import MAX_TASKS_PER_STREAM, validate_task_id
+from server.tasks import MAX_TASK_ID, MAX_TASKS_PER_STREAM, validate_task_id
 
 __all__ = ["blueprint"]
 
@@ -50,7 +50,7 @@ def _task_ids(body: Any) -> list[str] | str:
 class TicketRequest(BaseModel):
     """Give exactly one of the two."""
 
-    task_id: str | None = Field(default=None, min_length=1, max_length=200)
+    task_id: str | None = Field(default=None, min_length=1, max_length=MAX_TASK_ID)
     task_ids: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TASKS_PER_STREAM)
 
 
@@ -98,7 +98,7 @@ async def create_ticket() -> Response:
     ids = _task_ids(body)
     if isinstance(ids, str):
         return json_error(400, "Invalid ticket request", ids)
-    ttl: int = rt.settings.ticket_ttl
+    ttl = rt.settings.ticket_ttl
     ticket = await tickets.issue(rt.pool, principal, ids, ttl=ttl)
     response = jsonify({"ticket": ticket, "expires_in": ttl})
     # A ticket is a credential: no cache may keep it.

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from server import db
-from server.events import TERMINAL_STATES
+from server.tasks import TERMINAL_STATES
 from tests.conftest import LiveServer, create_task
 from tests.sse_client import open_stream
 

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 from server.client.terminal import TERMINAL_STATES
-from server.events import TERMINAL_STATES as SERVER_TERMINAL_STATES
+from server.tasks import TERMINAL_STATES as SERVER_TERMINAL_STATES
 from tests.test_cli_client import Result, _env, finish
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ def _assert_at_most_one_reconnect_and_told_to_stop(
     log: RequestLog, task_id: str, label: str
 ) -> int:
     """The client came back at most once, and that reconnect was told to stop: 204, or 410 for
-    the polyfill (its fetch transport cannot take a 204; see server/streams.py)."""
+    the polyfill (its fetch transport cannot take a 204; see server/stream/routes.py)."""
     gets = log.stream_gets(task_id)
     assert gets, f"{label}: no request seen"
     assert gets[0].status == 200, f"{label}: {gets}"

@@ -93,7 +93,7 @@ async def test_listener_killed_while_terminal_states_commit(
         results = await asyncio.gather(*(collect_until_complete(s) for s in streams))
         assert all(versions == [2] for versions in results), results
         await wait_until(broker.connected.is_set)
-        assert broker.reconnects >= 1
+        assert broker.source.reconnects >= 1
 
 
 async def test_repeated_listener_kills_lose_nothing(
@@ -147,7 +147,7 @@ async def test_repeated_listener_kills_lose_nothing(
     finally:
         await writer_conn.close()
     assert kills == 20
-    assert broker.reconnects >= 20
+    assert broker.source.reconnects >= 20
     for i, versions in enumerate(results):
         assert versions == sorted(set(versions)), f"t{i}: out of order or duplicated: {versions}"
         assert versions[-1] == finals[f"t{i}"], f"t{i}: ended on {versions[-1]}"
@@ -164,7 +164,7 @@ async def test_fallback_poll_delivers_while_listener_cannot_reconnect(
     broker = server.runtime.broker
     async with open_stream(client, server.stream_url("t1"), token=server.token()) as s:
         await s.next()
-        with caplog.at_level(logging.WARNING, logger="server.broker"):
+        with caplog.at_level(logging.WARNING, logger="server.stream.listener"):
             async with refuse_connections():
                 await sql.fetchval(KILL_LISTENER)
                 await wait_until(lambda: not broker.connected.is_set())
@@ -340,7 +340,7 @@ async def test_stuck_client_costs_bounded_memory_and_resumes_with_latest(
             )
             await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 't1'")
             final = await sql.fetchval("SELECT version FROM taskstream.tasks")
-            await wait_until(lambda: server.runtime.broker.notifications >= 10_000, 20)
+            await wait_until(lambda: server.runtime.broker.source.notifications >= 10_000, 20)
             # Memory for this client is one pending state, however many updates arrived.
             assert len(sub.pending) <= 1
             # Once the socket pushed back, intermediate states were merged, not queued.

@@ -13,8 +13,8 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from server.api import MAX_WAIT
 from server.config import Settings
+from server.task_models import MAX_WAIT
 from tests.test_cli import _clean_env
 
 ROOT = Path(__file__).resolve().parent.parent

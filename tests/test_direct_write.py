@@ -1,9 +1,9 @@
-"""The direct fan-out write (server/streams.py, _direct_write; server/transport.py).
+"""The direct fan-out write (server/stream/routes.py, _direct_write; server/hypercorn_internals.py).
 
 A single-task stream over HTTP/1.1 whose socket has drained gets each progress event written
 straight to its socket from the broker's dispatch. These tests prove the path is taken on the
-pinned Hypercorn (if a release changes what server/transport.py walks, the first test fails
-instead of the server silently falling back), and that what it writes is the same stream.
+pinned Hypercorn (if a release changes what server/hypercorn_internals.py walks, the first test
+fails instead of the server silently falling back), and that what it writes is the same stream.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
-from server import events
-from server.events import TaskState, derive_eta
+from server import tasks as events
+from server.stream import encoder
+from server.tasks import TaskState, derive_eta
 from tests.conftest import LiveServer, create_task
 from tests.sse_client import open_stream
 
@@ -104,7 +105,7 @@ def test_computed_once_per_state(monkeypatch: pytest.MonkeyPatch) -> None:
     for _ in range(5):
         state.progress_data()
         state.api_data()
-    state.progress_event()
+    encoder.progress_event(state)
     assert calls == 1
 
 

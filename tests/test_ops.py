@@ -121,7 +121,7 @@ async def test_conflated_states_are_counted(
 ) -> None:
     await create_task(sql, "t1")
     # A multi-task stream: a single-task stream whose socket has drained writes each state on the
-    # spot (server/streams.py, _direct_write) and conflates only for a slow client.
+    # spot (server/stream/routes.py, _direct_write) and conflates only for a slow client.
     url = f"{server.url}/api/v1/sse/tasks?ids=t1"
     async with open_stream(client, url, token=server.token()) as s:
         await s.next()
@@ -213,7 +213,7 @@ async def test_readyz_flips_to_503_while_the_listener_is_down_and_back(
     pg_cluster: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.broker")
+    caplog.set_level(logging.INFO, logger="server.stream.listener")
     ready = f"{server.url}/readyz"
     before = await scrape(client, server.url)
     assert value(before, "taskstream_listener_connected") == 1
@@ -314,17 +314,24 @@ async def test_metrics_add_up_across_workers(database_url: str, sql: asyncpg.Con
 
 
 def test_a_coalesced_write_is_counted_event_by_event() -> None:
-    from server import events, metrics, sse
-    from server.events import TaskState
+    # The kinds and the close reason are recorded where the events are made, never parsed back
+    # out of the bytes written (rewording a message cannot change a metric label).
+    from server.stream.observe import CloseReason
+    from server.stream.routes import _Stream
+    from server.tasks import TaskState
 
+    stream = _Stream(None, None, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
+    stream.resume_id = lambda: None  # type: ignore[method-assign]
     state = TaskState(id="t1", owner_id="alice", version=2, state="success")
-    chunk = b"".join(
-        [sse.retry(3000), state.progress_event(), events.complete_event(state), sse.comment("hb")]
-    )
-    kinds = [metrics.event_type(e) for e in metrics.split_events(chunk)]
-    assert kinds == ["retry", "progress", "complete", "heartbeat"]
-    assert metrics.error_reason(events.not_found_event()) == "not_found"
-    assert metrics.error_reason(events.token_expired_event()) == "token_expired"
+    chunk = b"".join(stream.finish(state))
+    assert chunk.count(b"\n\n") == 2
+    assert stream.kinds == ["progress", "complete"]
+    assert stream.ending.reason == CloseReason.COMPLETE == "complete"
+    stream.finish(TaskState.gone("t2"))
+    assert stream.kinds == ["progress", "complete", "error"]
+    assert stream.ending.reason == CloseReason.NOT_FOUND == "not_found"
+    assert CloseReason.TOKEN_EXPIRED == "token_expired" and CloseReason.TIMEOUT == "timeout"
+    assert stream.done
 
 
 async def test_multi_task_snapshot_counts_every_event(

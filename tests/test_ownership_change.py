@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from server import metrics
-from server.events import TaskState
+from server.tasks import TaskState
 from tests.conftest import LiveServer, create_task
 from tests.sse_client import Stream, open_stream
 from tests.test_delivery import KILL_LISTENER, refuse_connections, wait_until

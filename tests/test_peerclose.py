@@ -1,4 +1,6 @@
-"""A connection's socket goes when its peer does (server/peerclose.py, issue 14 items 2 and 3).
+"""A connection's socket goes when its peer does (issue 14 items 2 and 3).
+
+The workaround is server/hypercorn_internals.py's PromptCloseTCPServer.
 
 Run against a real ``taskstream serve`` (uvloop, the 75 s keep-alive), because that is where a
 closed peer held its descriptor for the whole keep-alive and a pipelined request kept its
@@ -19,7 +21,7 @@ import asyncpg
 import httpx
 import hypercorn.asyncio.run as hypercorn_run
 
-from server import peerclose
+from server import hypercorn_internals as peerclose
 from server.auth import issue_token
 from tests.conftest import SECRET, create_task
 from tests.test_cli import ServeProcess, _clean_env, start_serve
@@ -105,10 +107,10 @@ async def healthz_within(url: str, seconds: float) -> float:
 
 
 def test_hypercorn_has_the_shape_peerclose_relies_on() -> None:
-    """Fails when a Hypercorn release changes the internals server/peerclose.py works around:
+    """Fails when a Hypercorn release changes the internals PromptCloseTCPServer works around:
     then re-read hypercorn/asyncio/tcp_server.py and check whether the workaround is needed."""
-    assert peerclose.shape_problems() == []
-    assert peerclose.install()
+    assert peerclose.peerclose_problems() == []
+    assert peerclose.install_peerclose()
     assert hypercorn_run.TCPServer is peerclose.PromptCloseTCPServer  # type: ignore[attr-defined]
 
 

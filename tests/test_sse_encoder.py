@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server import sse
+from server.stream import encoder as sse
 
 
 def test_data_only() -> None:

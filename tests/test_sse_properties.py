@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server import sse
+from server.stream import encoder as sse
 
 
 @dataclass

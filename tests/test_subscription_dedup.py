@@ -4,8 +4,8 @@ test_field_values_cannot_inject_events: a second `pending` progress with the sam
 
 from __future__ import annotations
 
-from server.broker import Subscription
-from server.events import TaskState
+from server.stream.mailbox import Subscription
+from server.tasks import TaskState
 
 
 def test_snapshot_version_already_pending_is_not_sent_twice() -> None:

@@ -43,7 +43,7 @@ MAX_RECONNECTS = 5
 # No byte for this long (heartbeats come every 15 s by default) means the connection is dead.
 READ_TIMEOUT = 60.0
 
-# The server's terminal states (server.events.TERMINAL_STATES), copied so that the client imports
+# The server's terminal states (server.tasks.TERMINAL_STATES), copied so that the client imports
 # no server module; tests/test_client_package.py proves the two agree.
 TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
 # The extra that brings what the watch command needs beyond the server's dependencies.

@@ -1,7 +1,12 @@
-"""Task state as it travels from a NOTIFY payload or a table row to the SSE events of a stream.
+"""Task rules, in one place: what a task is (:class:`TaskState`), its terminal states and limits.
 
-A :class:`TaskState` is built once per notification and shared by every subscriber of that task,
-and its encoded ``progress`` event is cached on it, so fan-out to N clients encodes JSON once.
+The SQL schema (``sql/``) states the same limits in its CHECK constraints and :mod:`server.db`
+builds its terminal-state filter from :data:`TERMINAL_STATES`; ``tests/test_task_rules.py``
+proves the two agree.
+
+A :class:`TaskState` is built once per notification and shared by every subscriber of that task.
+Its encodings are cached on it (the JSON here, the SSE event by :mod:`server.stream.encoder`, the
+HTTP/1.1 chunk by :mod:`server.hypercorn_internals`), so fan-out to N clients encodes once.
 
 It is also where a missing ``estimated_time`` is derived (:func:`derive_eta`): once per state, in
 :meth:`TaskState.progress_data`, the one place task state becomes an event or an API body.
@@ -10,26 +15,48 @@ It is also where a missing ``estimated_time`` is derived (:func:`derive_eta`): o
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from server import sse
-
 __all__ = [
+    "MAX_ERROR",
+    "MAX_ETA",
+    "MAX_STATE",
+    "MAX_TASKS_PER_STREAM",
+    "MAX_TASK_ID",
     "TERMINAL_STATES",
     "TaskState",
-    "complete_event",
     "derive_eta",
-    "not_found_event",
-    "timeout_event",
-    "token_expired_event",
+    "new_task_id",
+    "validate_task_id",
 ]
 
-TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
+# Terminal states: a task cannot change after them (the API's PATCH refuses, streams end there).
+TERMINAL_ORDER = ("success", "failed", "cancelled")
+TERMINAL_STATES = frozenset(TERMINAL_ORDER)
 
+# Lengths and bounds, as the schema's CHECK constraints state them (sql/001_tasks.sql,
+# sql/003_tickets.sql).
+MAX_TASK_ID = 200  # also the owner id's bound
+MAX_STATE = 64
+MAX_ERROR = 1000  # what a writer may set through the API (the column itself is unbounded)
+MAX_TASKS_PER_STREAM = 100  # ids on one stream, and on one ticket
 # The largest ETA reported (the writer's column is a PostgreSQL integer, so is the derived value).
 MAX_ETA = 2_147_483_647
+
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def validate_task_id(task_id: str) -> str | None:
+    """Return why ``task_id`` cannot name a task, or None if it can."""
+    if not task_id or len(task_id) > MAX_TASK_ID:
+        return f"task id must be 1 to {MAX_TASK_ID} characters"
+    if _BAD_ID.search(task_id):
+        return "task id must not contain control characters"
+    return None
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -92,6 +119,11 @@ def derive_eta(
     return min(MAX_ETA, max(0, round(eta)))
 
 
+def new_task_id() -> str:
+    """``task_`` and 16 URL-safe random characters (96 bits)."""
+    return "task_" + secrets.token_urlsafe(12)
+
+
 @dataclass(slots=True)
 class TaskState:
     """One committed version of a task (or its deletion)."""
@@ -118,10 +150,13 @@ class TaskState:
     _eta: int | None = field(default=None, init=False, repr=False, compare=False)
     _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
     _progress_json: str | None = field(default=None, repr=False, compare=False)
-    _progress_bytes: bytes | None = field(default=None, repr=False, compare=False)
-    _progress_chunk: bytes | None = field(default=None, init=False, repr=False, compare=False)
-    # The encoded ``complete`` events (single-task, multi-task), shared by every watcher.
-    _complete_bytes: dict[bool, bytes] = field(
+    # Memos of this state's wire encodings, filled on first use by the one module that makes
+    # each (the SSE events: server/stream/encoder.py; the HTTP/1.1 chunk of the progress event:
+    # server/hypercorn_internals.py), so every watcher shares one copy.
+    memo_event: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    memo_chunk: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # The encoded ``complete`` events (single-task, multi-task).
+    memo_complete: dict[bool, bytes] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -223,49 +258,3 @@ class TaskState:
         if self._progress_json is None:
             self._progress_json = json.dumps(self.progress_data(), separators=(",", ":"))
         return self._progress_json
-
-    def progress_event(self) -> bytes:
-        """The whole single-task ``progress`` event (``id`` is the version), cached."""
-        if self._progress_bytes is None:
-            self._progress_bytes = sse.encode(
-                self.progress_json(), event="progress", id=self.version
-            )
-        return self._progress_bytes
-
-    def progress_chunk(self) -> bytes:
-        """:meth:`progress_event` framed as one HTTP/1.1 chunk (for the direct write), cached."""
-        if self._progress_chunk is None:
-            event = self.progress_event()
-            self._progress_chunk = b"%x\r\n%b\r\n" % (len(event), event)
-        return self._progress_chunk
-
-
-def complete_event(task: TaskState, *, with_task_id: bool = False) -> bytes:
-    """The ``complete`` event for a terminal state, encoded once per state and variant."""
-    cached = task._complete_bytes.get(with_task_id)
-    if cached is None:
-        cached = task._complete_bytes[with_task_id] = _encode_complete(task, with_task_id)
-    return cached
-
-
-def _encode_complete(task: TaskState, with_task_id: bool) -> bytes:
-    body: dict[str, Any] = {"task_id": task.id} if with_task_id else {}
-    body["state"] = task.state
-    if task.state == "failed":
-        body["error"] = task.error
-    return sse.encode(json.dumps(body), event="complete")
-
-
-def not_found_event(task_id: str | None = None, *, event_id: str | None = None) -> bytes:
-    body: dict[str, Any] = {"error": "Task not found"}
-    if task_id is not None:
-        body["task_id"] = task_id
-    return sse.encode(json.dumps(body), event="error", id=event_id)
-
-
-def token_expired_event() -> bytes:
-    return sse.encode(json.dumps({"error": "Token expired"}), event="error")
-
-
-def timeout_event() -> bytes:
-    return sse.encode(json.dumps({"message": "Stream timeout"}), event="timeout")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import asyncpg
 
 from server import db
-from server.events import TaskState
+from server.tasks import TaskState
 
 __all__ = ["SnapshotReader"]
 

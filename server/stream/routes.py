@@ -14,21 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from quart import Blueprint, Response, request
 
-from server import db, events, metrics, sse
+from server import db, metrics
 from server.auth import Principal
-from server.broker import StreamLimitExceeded, Subscription, is_new_for_owner_stream
-from server.events import TaskState
-from server.http import authenticate, json_error, runtime
-from server.observe import observe_push, observed
+from server.http import authenticate, json_error, runtime, unavailable
+from server.hypercorn_internals import Connection, progress_chunk
 from server.openapi import (
     SSE_AUTH,
     SSE_PARAMETERS,
@@ -40,46 +35,26 @@ from server.openapi import (
     sse_responds,
     summarize,
 )
+from server.runtime import Runtime
 from server.schemas import MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
-from server.sendtimeout import RAW_SEND
-from server.transport import chunked_writer
+from server.sendtimeout import connection_of
+from server.stream import encoder
+from server.stream.encoder import END_OF_STREAM_ID
+from server.stream.observe import CloseReason, Ending, observe_push, observed
+from server.stream.registry import Lease, StreamLimitExceeded
+from server.tasks import MAX_TASKS_PER_STREAM, TaskState, validate_task_id
 
-if TYPE_CHECKING:
-    from server.app import Runtime
-
-__all__ = ["blueprint", "validate_task_id"]
+__all__ = ["blueprint"]
 
 logger = logging.getLogger(__name__)
 
 blueprint = Blueprint("streams", __name__)
-
-MAX_TASK_ID = 200
-MAX_TASKS_PER_STREAM = 100
-_BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
-
-# The ``id`` of a final not-found event: a client that reconnects anyway sends it back as
-# Last-Event-ID and gets 204, which makes every EventSource implementation stop for good.
-END_OF_STREAM_ID = "end"
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-
-
-def validate_task_id(task_id: str) -> str | None:
-    """Return why ``task_id`` cannot name a task, or None if it can."""
-    if not task_id or len(task_id) > MAX_TASK_ID:
-        return f"task id must be 1 to {MAX_TASK_ID} characters"
-    if _BAD_ID.search(task_id):
-        return "task id must not contain control characters"
-    return None
-
-
-def _retry_field(base_ms: int) -> bytes:
-    # Jitter spreads the reconnects of many clients that lost the same server at the same moment.
-    return sse.retry(int(base_ms * random.uniform(1.0, 1.5)))
 
 
 def _last_event_id() -> str | None:
@@ -98,9 +73,11 @@ def _parse_version(raw: str | None) -> int | None:
     return value if value >= 0 else None
 
 
-def _stream_response(body: AsyncIterator[bytes]) -> Response:
-    # observed(): stream metrics and open/close logs (server/observe.py).
-    response = Response(observed(body, path=request.path), status=200, headers=SSE_HEADERS)
+def _stream_response(body: AsyncIterator[bytes], ending: Ending) -> Response:
+    # observed(): stream metrics and open/close logs (server/stream/observe.py).
+    response = Response(
+        observed(body, path=request.path, ending=ending), status=200, headers=SSE_HEADERS
+    )
     response.timeout = None  # a stream lives until it ends, not until Quart's response timeout
     return response
 
@@ -120,31 +97,18 @@ def _no_content() -> Response:
     return Response("", status=204)
 
 
-def _unavailable() -> Response:
-    metrics.STREAM_ERRORS.labels("unavailable").inc()
-    return json_error(503, "Database unavailable", Retry_After="2")
-
-
-def _open_subscription(
-    rt: Runtime, principal: Principal, task_ids: list[str], *, owner_wide: bool = False
-) -> Subscription | Response:
+def _refusal(rt: Runtime) -> Response | None:
+    """Why no stream can open now, if it cannot: the server drains, or the listener is down."""
     if rt.draining:
         return json_error(503, "Server is shutting down", Retry_After="1")
     if not rt.broker.connected.is_set():
-        return _unavailable()
-    try:
-        sub = rt.broker.subscribe(
-            principal.user_id, task_ids, owner_id=principal.user_id if owner_wide else None
-        )
-    except StreamLimitExceeded as exc:
-        metrics.STREAM_ERRORS.labels("limit").inc()
-        return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
-    # Whatever happens next (a disconnect before the body starts included), the end of the
-    # request task releases the mailbox; unsubscribe() is idempotent, so other paths may too.
-    task = asyncio.current_task()
-    if task is not None:
-        task.add_done_callback(lambda _t: rt.broker.unsubscribe(sub))
-    return sub
+        return unavailable()
+    return None
+
+
+def _too_many(exc: StreamLimitExceeded) -> Response:
+    metrics.STREAM_ERRORS.labels("limit").inc()
+    return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
 
 
 @dataclass
@@ -152,7 +116,7 @@ class _Stream:
     """What one open stream needs to remember between events."""
 
     rt: Runtime
-    sub: Subscription
+    lease: Lease
     principal: Principal
     # Tasks still open on this stream; the stream ends when this empties (unless owner-wide).
     open_ids: set[str]
@@ -164,33 +128,39 @@ class _Stream:
     preamble: list[bytes] = field(default_factory=list)
     # Kinds of the events made by finish() and not yet counted as sent (counted after the write).
     kinds: list[str] = field(default_factory=list)
-    # Hypercorn's own ASGI send for this request, for the direct write (see _direct_write).
-    raw_send: Any = None
+    # The connection behind this request, for the direct write (see _direct_write).
+    connection: Connection | None = None
+    # Why the stream ended, set where it ends (read by observed()).
+    ending: Ending = field(default_factory=Ending)
 
     def resume_id(self) -> str | None:
         if not self.multi or self.owner_wide:
             return None
-        return ".".join(str(self.sub.sent.get(tid, 0)) for tid in self.order)
+        sub = self.lease.sub
+        assert sub is not None
+        return ".".join(str(sub.sent_version(tid)) for tid in self.order)
 
     def progress(self, state: TaskState) -> bytes:
         if not self.multi:
-            return state.progress_event()
-        return sse.encode(state.progress_json(), event="progress", id=self.resume_id())
+            return encoder.progress_event(state)
+        return encoder.multi_progress_event(state, self.resume_id())
 
     def finish(self, state: TaskState) -> list[bytes]:
         """Events for a state; marks the task closed when it is terminal or gone."""
         if state.deleted:
             self.open_ids.discard(state.id)
             self.kinds.append("error")
+            self.ending.reason = CloseReason.NOT_FOUND
             if self.multi:
-                return [events.not_found_event(state.id, event_id=self.resume_id())]
-            return [events.not_found_event(event_id=END_OF_STREAM_ID)]
+                return [encoder.not_found_event(state.id, event_id=self.resume_id())]
+            return [encoder.not_found_event(event_id=END_OF_STREAM_ID)]
         out = [self.progress(state)]
         self.kinds.append("progress")
         if state.terminal:
             self.open_ids.discard(state.id)
-            out.append(events.complete_event(state, with_task_id=self.multi))
+            out.append(encoder.complete_event(state, with_task_id=self.multi))
             self.kinds.append("complete")
+            self.ending.reason = CloseReason.COMPLETE
         return out
 
     def count_sent(self, extra: str | None = None) -> None:
@@ -230,31 +200,34 @@ async def task_progress(task_id: str) -> Response:
     if last_id == END_OF_STREAM_ID:
         return _no_content()
     rt = runtime()
-    opened = _open_subscription(rt, principal, [task_id])
-    if isinstance(opened, Response):
-        return opened
-    sub = opened
+    refused = _refusal(rt)
+    if refused is not None:
+        return refused
     try:
-        snapshot = await rt.snapshots.get(task_id)
-    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
-        rt.broker.unsubscribe(sub)
-        return _unavailable()
-    if snapshot is None or snapshot.owner_id != principal.user_id:
-        rt.broker.unsubscribe(sub)
-        return _stream_response(_single(events.not_found_event(event_id=END_OF_STREAM_ID), "error"))
-    seen = _parse_version(last_id)
-    if snapshot.terminal and seen is not None and seen >= snapshot.version:
-        # The client saw the final state: 204 ends EventSource's reconnect loop.
-        rt.broker.unsubscribe(sub)
-        return _no_content()
-    stream = _Stream(rt, sub, principal, open_ids={task_id}, raw_send=request.scope.get(RAW_SEND))
-    if seen is None or seen < snapshot.version:
-        sub.mark_sent(snapshot)
-        stream.preamble = stream.finish(snapshot)
-    else:
-        # Resumed and nothing moved since: send nothing until something does.
-        sub.mark_sent(snapshot)
-    return _stream_response(_run(stream))
+        lease = rt.broker.open(principal.user_id, [task_id])
+        async with lease as sub:
+            # Database errors here become 503 (server/http.py, unavailable).
+            snapshot = await rt.snapshots.get(task_id)
+            if snapshot is None or snapshot.owner_id != principal.user_id:
+                return _stream_response(
+                    _single(encoder.not_found_event(event_id=END_OF_STREAM_ID), "error"),
+                    Ending(CloseReason.NOT_FOUND),
+                )
+            seen = _parse_version(last_id)
+            if snapshot.terminal and seen is not None and seen >= snapshot.version:
+                # The client saw the final state: 204 ends EventSource's reconnect loop.
+                return _no_content()
+            stream = _Stream(
+                rt, lease, principal, open_ids={task_id}, connection=connection_of(request.scope)
+            )
+            sub.mark_sent(snapshot)
+            if seen is None or seen < snapshot.version:
+                stream.preamble = stream.finish(snapshot)
+            # else: resumed and nothing moved since: send nothing until something does.
+            lease.keep()
+            return _stream_response(_run(stream), stream.ending)
+    except StreamLimitExceeded as exc:
+        return _too_many(exc)
 
 
 def _parse_ids(raw_values: list[str]) -> list[str] | str:
@@ -305,52 +278,51 @@ async def tasks_stream() -> Response:
     # After parsing: a ticket must cover exactly these ids (an owner-wide stream takes none).
     principal = await authenticate(None if owner_wide else ids)
     rt = runtime()
-    opened = _open_subscription(rt, principal, ids, owner_wide=owner_wide)
-    if isinstance(opened, Response):
-        return opened
-    sub = opened
+    refused = _refusal(rt)
+    if refused is not None:
+        return refused
     try:
-        if owner_wide:
-            rows, sub.created_after = await db.fetch_open_tasks(rt.pool, principal.user_id)
-            for tid in rows:
-                rt.broker.watch(sub, tid)
-            # Drop what arrived for tasks that existed but were not open at the snapshot.
-            for tid in [t for t in sub.pending if t not in rows]:
-                if not is_new_for_owner_stream(sub.pending[tid], sub.created_after):
-                    del sub.pending[tid]
-                    rt.broker.unwatch(sub, tid)
-        else:
-            rows = await db.fetch_tasks(rt.pool, ids)
-    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
-        rt.broker.unsubscribe(sub)
-        return _unavailable()
-
-    order = ids if not owner_wide else list(rows)
-    seen = _parse_positional(_last_event_id(), order) if not owner_wide else None
-    stream = _Stream(
-        rt, sub, principal, open_ids=set(order), multi=True, owner_wide=owner_wide, order=order
-    )
-    snapshots: list[TaskState] = []
-    for tid in order:
-        state = rows.get(tid)
-        if state is None or state.owner_id != principal.user_id:
-            stream.open_ids.discard(tid)
-            if seen is None:
-                snapshots.append(TaskState.gone(tid))
-            continue
-        already = seen.get(tid, -1) if seen is not None else -1
-        sub.mark_sent(state)
-        if already >= state.version:
-            if state.terminal:
-                stream.open_ids.discard(tid)
-            continue
-        snapshots.append(state)
-    if seen is not None and stream.done:
-        rt.broker.unsubscribe(sub)
-        return _no_content()
-    for state in snapshots:
-        stream.preamble.extend(stream.finish(state))
-    return _stream_response(_run(stream))
+        lease = rt.broker.open(principal.user_id, ids, owner_wide=owner_wide)
+        async with lease as sub:
+            # Database errors here become 503 (server/http.py, unavailable).
+            if owner_wide:
+                rows = await lease.owner_snapshot()
+            else:
+                rows = await db.fetch_tasks(rt.pool, ids)
+            order = ids if not owner_wide else list(rows)
+            seen = _parse_positional(_last_event_id(), order) if not owner_wide else None
+            stream = _Stream(
+                rt,
+                lease,
+                principal,
+                open_ids=set(order),
+                multi=True,
+                owner_wide=owner_wide,
+                order=order,
+            )
+            snapshots: list[TaskState] = []
+            for tid in order:
+                state = rows.get(tid)
+                if state is None or state.owner_id != principal.user_id:
+                    stream.open_ids.discard(tid)
+                    if seen is None:
+                        snapshots.append(TaskState.gone(tid))
+                    continue
+                already = seen.get(tid, -1) if seen is not None else -1
+                sub.mark_sent(state)
+                if already >= state.version:
+                    if state.terminal:
+                        stream.open_ids.discard(tid)
+                    continue
+                snapshots.append(state)
+            if seen is not None and stream.done:
+                return _no_content()
+            for state in snapshots:
+                stream.preamble.extend(stream.finish(state))
+            lease.keep()
+            return _stream_response(_run(stream), stream.ending)
+    except StreamLimitExceeded as exc:
+        return _too_many(exc)
 
 
 def _parse_positional(raw: str | None, order: list[str]) -> dict[str, int] | None:
@@ -375,29 +347,32 @@ async def _single(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
 def _direct_write(
     stream: _Stream, transport: asyncio.WriteTransport
 ) -> Callable[[TaskState], bool]:
-    """Write a single-task stream's ``progress`` events to its socket from the broker's dispatch.
+    """Write a single-task stream's ``progress`` events to its socket from the registry's dispatch.
 
     The ordinary path wakes the stream's task, which hands the event to Quart, Hypercorn and h11
     before it reaches the socket. With one update watched by thousands of streams that path was
     most of the CPU per watcher beyond the ``send()`` system call itself (bench fan-out profile).
     Here the event, already framed as an HTTP/1.1 chunk once per state, is written on the spot.
 
-    The broker calls this only while the stream is parked in ``wait()`` with nothing pending, so
+    The mailbox calls this only while the stream is parked in ``wait()`` with nothing pending, so
     nothing the stream still has to write can be overtaken. It declines (returns False, and the
     mailbox path takes over with its conflation and the send timeout) for terminal states and
     deletions, which end the stream, and whenever the socket has not drained what it was given:
     a slow client never gets more than the kernel accepts. It never sees another owner's state:
     :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
     """
-    sub = stream.sub
+    sub = stream.lease.sub
+    assert sub is not None
+    open_ids = stream.open_ids
     tally = metrics.TALLY
+    progress_event = encoder.progress_event
 
     def write(state: TaskState) -> bool:
-        if state.terminal or state.deleted or state.id not in stream.open_ids:
+        if state.terminal or state.deleted or state.id not in open_ids:
             return False
         if transport.is_closing() or transport.get_write_buffer_size():
             return False
-        transport.write(state.progress_chunk())
+        transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
         sub.mark_sent(state)
         tally.count_sent("progress")
         tally.direct_writes += 1
@@ -409,25 +384,27 @@ def _direct_write(
 
 async def _run(stream: _Stream) -> AsyncIterator[bytes]:
     # Runs after the view returned, outside the request context: everything comes in `stream`.
-    rt, sub = stream.rt, stream.sub
-    settings = rt.settings
-    loop = asyncio.get_running_loop()
-    now = loop.time()
-    deadline = now + settings.stream_timeout
-    # The token's own end, mapped onto the loop clock (leeway as accepted at verification).
-    token_deadline = now + (stream.principal.expires_at + rt.verifier.leeway - time.time())
-    # Streams opened together (a reconnect storm) would otherwise beat in lockstep.
-    next_beat = now + settings.heartbeat * random.uniform(0.5, 1.0)
-    try:
+    # The lease was kept for this body: entering it again makes its end the release.
+    async with stream.lease as sub:
+        rt = stream.rt
+        settings = rt.settings
+        ending = stream.ending
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + settings.stream_timeout
+        # The token's own end, mapped onto the loop clock (leeway as accepted at verification).
+        token_deadline = now + (stream.principal.expires_at + rt.verifier.leeway - time.time())
+        # Streams opened together (a reconnect storm) would otherwise beat in lockstep.
+        next_beat = now + settings.heartbeat * random.uniform(0.5, 1.0)
         # Everything ready at once goes out as one write: each write costs a trip through
         # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
-        yield b"".join([_retry_field(settings.retry_ms), *stream.preamble])
+        yield b"".join([encoder.retry_field(settings.retry_ms), *stream.preamble])
         stream.count_sent("retry")
         # The response has started: from now on, progress may go straight to the socket.
-        if stream.raw_send is not None and not stream.multi and not stream.owner_wide:
-            transport = chunked_writer(stream.raw_send)
+        if stream.connection is not None and not stream.multi and not stream.owner_wide:
+            transport = stream.connection.chunked_transport()
             if transport is not None:
-                sub.direct = _direct_write(stream, transport)
+                sub.attach_direct(_direct_write(stream, transport))
         while not stream.done:
             if sub.pending:
                 chunks: list[bytes] = []
@@ -442,24 +419,25 @@ async def _run(stream: _Stream) -> AsyncIterator[bytes]:
                     observe_push(pushed)  # after the write: commit -> socket
                 continue
             if sub.closing is not None:
-                yield _retry_field(settings.retry_ms)
+                yield encoder.retry_field(settings.retry_ms)
                 stream.count_sent("retry")
+                ending.reason = CloseReason.SHUTDOWN
                 return
             now = loop.time()
             if now >= token_deadline:
-                yield events.token_expired_event()
+                yield encoder.token_expired_event()
                 stream.count_sent("error")
+                ending.reason = CloseReason.TOKEN_EXPIRED
                 return
             if now >= deadline:
-                yield events.timeout_event()
+                yield encoder.timeout_event()
                 stream.count_sent("timeout")
+                ending.reason = CloseReason.TIMEOUT
                 return
             if now >= next_beat:
-                yield sse.comment("heartbeat")
+                yield encoder.HEARTBEAT
                 stream.count_sent("heartbeat")
                 next_beat = now + settings.heartbeat
                 continue
             # No await since the check of sub.pending above, so no offer can be missed.
             await sub.wait(min(deadline, next_beat, token_deadline))
-    finally:
-        rt.broker.unsubscribe(sub)

@@ -1,0 +1,18 @@
+"""The streaming core, one module per step of the data path, read top to bottom:
+
+1. :mod:`~server.stream.listener`: where committed task states enter the process (the LISTEN
+   connection, behind the :class:`~server.stream.listener.ChangeSource` interface);
+2. :mod:`~server.stream.registry`: which mailboxes watch which task or owner, the limits, and the
+   :class:`~server.stream.registry.Lease` that owns one stream's subscription;
+3. :mod:`~server.stream.mailbox`: one client's pending states, one slot per task;
+4. :mod:`~server.stream.encoder`: every SSE byte the server writes;
+5. :mod:`~server.stream.routes`: the SSE endpoints, which run a stream from snapshot to close.
+
+Beside them: :mod:`~server.stream.snapshots` (batched reads of the current rows) and
+:mod:`~server.stream.observe` (stream metrics, open/close logs and close reasons).
+
+Imports go one way: the registry imports the mailbox; the listener, mailbox, encoder, snapshots
+and observe import none of the others (the registry knows the listener only as the
+``ChangeSource`` interface, and :mod:`server.app` connects the two); the routes, at the end of
+the path, use them. ``tests/test_layout.py`` checks this and that ``server/`` has no import cycle.
+"""

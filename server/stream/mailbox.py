@@ -1,0 +1,161 @@
+"""The mailbox: one stream's (or long poll's) pending states, one slot per task.
+
+The registry (:mod:`server.stream.registry`) offers every change of a watched task; the stream
+takes what is pending when it wakes. Memory per client stays bounded however slowly it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+
+from server import metrics
+from server.tasks import TaskState
+
+__all__ = ["Subscription"]
+
+
+class Subscription:
+    """One client's mailbox: at most one pending state per task, so memory is bounded.
+
+    A newer version replaces an older pending one (conflation: a client that falls behind skips
+    intermediate progress). A pending terminal state or deletion is never replaced, because the
+    stream ends there exactly as it would have for a client that kept up.
+    """
+
+    __slots__ = (
+        "closing",
+        "conflated",
+        "created_after",
+        "direct",
+        "owner_id",
+        "pending",
+        "sent",
+        "task_ids",
+        "user_id",
+        "_timer",
+        "_timer_at",
+        "_waiter",
+        "__weakref__",
+    )
+
+    def __init__(self, user_id: str, task_ids: set[str], owner_id: str | None) -> None:
+        self.user_id = user_id
+        self.task_ids = task_ids
+        # Set for a stream that follows every task of this owner, including tasks created later.
+        self.owner_id = owner_id
+        self.pending: dict[str, TaskState] = {}
+        # Highest version handed to the client per task; older or equal versions are dropped.
+        self.sent: dict[str, int] = {}
+        # The stream's wait: a bare future, made only while it waits. An asyncio.Event per
+        # mailbox cost more than the socket write when one update woke thousands of streams.
+        self._waiter: asyncio.Future[None] | None = None
+        # One timer per stream for its next deadline (heartbeat, timeout, token expiry), kept
+        # across waits: re-armed when that deadline moves, not once per event.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        # Set by a stream that can write an event to its socket on the spot (see
+        # server/stream/routes.py, _direct_write): called only while the stream is parked in
+        # wait() with nothing pending, so it never overtakes a state the stream still has to
+        # write. Returns False to decline (terminal state, socket not drained...): the mailbox
+        # path then takes the state as usual.
+        self.direct: Callable[[TaskState], bool] | None = None
+        self.conflated = 0
+        self.closing: str | None = None
+        # Owner-wide streams: tasks created before this instant join only via the snapshot.
+        self.created_after: datetime | None = None
+
+    def offer(self, state: TaskState) -> None:
+        if not state.deleted:
+            if state.owner_id != self.user_id:
+                # Not (or no longer) this user's task: whatever path brought it (NOTIFY, resync,
+                # fallback poll), it reads exactly as a deletion, before the direct writer or the
+                # mailbox sees anything of the new owner's state.
+                state = TaskState.gone(state.id)
+            elif state.version <= self.sent.get(state.id, 0):
+                return
+        if (
+            self.direct is not None
+            and self._waiter is not None
+            and not self.pending
+            and self.direct(state)
+        ):
+            return
+        current = self.pending.get(state.id)
+        if current is not None:
+            if current.deleted or current.terminal:
+                return
+            if not state.deleted and state.version <= current.version:
+                return  # the same state from NOTIFY and from resync, or an older one
+            self.conflated += 1
+            metrics.TALLY.conflated += 1
+        self.pending[state.id] = state
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_timer(self) -> None:
+        self._timer = None  # fired (maybe a millisecond early): the next wait arms it again
+        self._wake()
+
+    async def wait(self, until: float) -> None:
+        """Sleep until something is offered, :meth:`close` is called, or the loop clock reaches
+        ``until``. The caller checks ``pending`` first: there is no await between that check
+        and this call, so nothing offered in between can be missed."""
+        loop = asyncio.get_running_loop()
+        if self._timer is None or self._timer_at != until:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(until, self._on_timer)
+            self._timer_at = until
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def attach_direct(self, write: Callable[[TaskState], bool]) -> None:
+        """Let ``write`` take states on the spot while the stream waits (see ``direct``)."""
+        self.direct = write
+
+    def sent_version(self, task_id: str) -> int:
+        """The highest version of ``task_id`` handed to the client (0: none yet)."""
+        return self.sent.get(task_id, 0)
+
+    def release(self) -> None:
+        """Drop the timer and the direct writer (the registry calls this when the mailbox is
+        removed)."""
+        self.direct = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def take(self) -> list[TaskState]:
+        """Everything pending, oldest version first, and mark it as handed over."""
+        if not self.pending:
+            return []
+        states = sorted(self.pending.values(), key=lambda s: s.version)
+        self.pending.clear()
+        out = []
+        for s in states:
+            sent = self.sent.get(s.id, 0)
+            if s.deleted:
+                out.append(s)
+            elif s.version > sent:
+                # A state may have been offered before the stream marked its snapshot as sent.
+                self.sent[s.id] = s.version
+                out.append(s)
+        return out
+
+    def mark_sent(self, state: TaskState) -> None:
+        if state.version > self.sent.get(state.id, 0):
+            self.sent[state.id] = state.version
+
+    def close(self, reason: str) -> None:
+        """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""
+        self.closing = reason
+        self._wake()
