@@ -7,11 +7,13 @@
 #   latest  the newest release of every package that the ranges allow
 #   lowest  every direct dependency at its declared lower bound (the rest as pip resolves them)
 #
-#   scripts/check-deps.sh latest [--write-constraints] [-- PYTEST_ARGS...]
+#   scripts/check-deps.sh latest [--write-constraints | --if-changed] [-- PYTEST_ARGS...]
 #   scripts/check-deps.sh lowest [-- PYTEST_ARGS...]
 #
 # --write-constraints: when every step passed, rewrite constraints.txt with the versions this run
 # used, so that the README's test command installs them from then on.
+# --if-changed: stop with a pass when every version equals constraints.txt (.ci/run uses it:
+# its earlier steps have just tested exactly those versions).
 # The suite runs on TASKSTREAM_TEST_DATABASE_URL when set (faster), else on the embedded
 # PostgreSQL. The last lines sum up each step; the exit status is 1 when one failed, 2 on misuse.
 set -euo pipefail
@@ -25,10 +27,12 @@ mode=${1:-}
 [ "$mode" = latest ] || [ "$mode" = lowest ] || usage
 shift
 write_constraints=0
+if_changed=0
 pytest_args=()
 while [ $# -gt 0 ]; do
     case $1 in
         --write-constraints) [ "$mode" = latest ] || usage; write_constraints=1 ;;
+        --if-changed) [ "$mode" = latest ] || usage; if_changed=1 ;;
         --) shift; pytest_args=("$@"); break ;;
         *) usage ;;
     esac
@@ -120,7 +124,7 @@ fi
 
 python3 -m pip freeze --exclude-editable --exclude taskstream | grep -v '^#' >"$tmp/freeze.txt"
 echo "== check-deps $mode: versions against constraints.txt (what CI last proved)"
-python3 - constraints.txt "$tmp/freeze.txt" <<'EOF'
+if python3 - constraints.txt "$tmp/freeze.txt" <<'EOF'
 import os
 import re
 import sys
@@ -148,7 +152,18 @@ for name in sorted(proved.keys() | ran.keys()):
         rows.append(f"    {kind:<8} {name:<28} {old or '-':>12} -> {new or '-'}")
 print("\n".join(rows) if rows else "    none: every version equals constraints.txt")
 print(f"    ({len(rows)} of {len(ran)} installed packages differ)")
+sys.exit(1 if rows else 0)
 EOF
+then
+    unchanged=1
+else
+    unchanged=0
+fi
+if [ "$if_changed" -eq 1 ] && [ "$unchanged" -eq 1 ]; then
+    results+=("nothing new: the newest allowed versions are those in constraints.txt")
+    summary
+    exit 0
+fi
 
 step "ruff check" ruff check server tests bench
 step "ruff format" ruff format --check server tests bench
