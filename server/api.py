@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 blueprint = Blueprint("api", __name__)
+TASKS_PREFIX = "/api/v1/tasks/"
+CANCEL_ALLOW = "OPTIONS, POST"
 
 SCOPE_WRITE = "tasks:write"
 MAX_ID = 200
@@ -205,8 +207,8 @@ class Task(BaseModel):
     progress: float
     estimated_time: int | None = Field(
         description=(
-            "Seconds left: the writer's value, else derived from the progress rate since the "
-            "task started (see the README), else null."
+            "Seconds left: null once the task is finished; else the writer's value, else "
+            "derived from the progress rate since the task started (see the README), else null."
         )
     )
     updated_at: str = Field(description="ISO 8601, UTC.")
@@ -304,17 +306,31 @@ def not_found() -> Response:
     return json_error(404, "Task not found")
 
 
+def invalid_task_id(problem: str) -> Response:
+    """400, as on the stream route: no task can have this id, so there is nothing to hide."""
+    return json_error(400, "Invalid task id", problem)
+
+
 def _unavailable() -> Response:
     return json_error(503, "Database unavailable", Retry_After="2")
 
 
+# A version is a PostgreSQL bigint: at most 19 digits.
+_MAX_VERSION_DIGITS = 19
+
+
 def _version_from_if_none_match() -> int | None:
-    """The version named by ``If-None-Match`` (the first tag that is a version), or None."""
-    etags = request.if_none_match
-    for tag in etags.as_set(include_weak=True):
-        if tag.isdigit():
-            return int(tag)
-    return None
+    """The version named by ``If-None-Match`` (the lowest tag that is a version), or None.
+
+    Hostile tags are not versions: ``""`` parses to None, ``"²"`` passes ``isdigit()`` but not
+    ``int()``, and 4,400 digits pass both checks and then exceed ``int()``'s digit limit.
+    """
+    versions = [
+        int(tag)
+        for tag in request.if_none_match.as_set(include_weak=True)
+        if tag and tag.isascii() and tag.isdigit() and len(tag) <= _MAX_VERSION_DIGITS
+    ]
+    return min(versions) if versions else None
 
 
 def _matches(version: int) -> bool:
@@ -355,6 +371,27 @@ def new_task_id() -> str:
 
 
 # -- routes --------------------------------------------------------------------------------
+
+
+def is_cancel_url() -> bool:
+    """Whether this request's URL is ``/api/v1/tasks/{id}/cancel``, which takes only POST.
+
+    ``<path:task_id>`` also matches ``x/cancel``, so the router alone would send a ``GET`` of
+    the cancel URL to the read of a task named ``x/cancel`` (404), and list GET and PATCH in a
+    405's ``Allow``. The literal suffix in the raw path is the cancel route; an id that contains
+    ``/`` is sent as ``%2F`` (the clients do), so such a task stays readable.
+    """
+    if not request.path.startswith(TASKS_PREFIX):
+        return False
+    raw = request.scope.get("raw_path") or request.path.encode()
+    return bool(raw.split(b"?", 1)[0].endswith(b"/cancel"))
+
+
+@blueprint.before_request
+async def _cancel_is_post_only() -> Response | None:
+    if request.method in ("GET", "HEAD", "PATCH") and is_cancel_url():
+        return json_error(405, "Method Not Allowed", Allow=CANCEL_ALLOW)
+    return None
 
 
 @blueprint.post("/api/v1/tasks")
@@ -445,6 +482,7 @@ async def list_tasks(query_args: ListQuery) -> Response:
     headers={"ETag": "The current version"},
 )
 @responds(*ERROR_RESPONSES[401])
+@responds(400, "The task id is not valid (1 to 200 characters, no control characters).")
 @responds(404, "No such task, or not yours: the two are indistinguishable.")
 @responds(*ERROR_RESPONSES[422])
 @responds(429, "Too many waiting long polls for this user or process (`wait` only).")
@@ -468,8 +506,8 @@ async def get_task(task_id: str, query_args: TaskQuery) -> Response:
     S seconds (S at most 60): the server waits on its LISTEN connection, not by polling.
     """
     caller = principal()
-    if validate_task_id(task_id) is not None:
-        return not_found()
+    if (problem := validate_task_id(task_id)) is not None:
+        return invalid_task_id(problem)
     if query_args.wait is not None:
         after = query_args.after_version
         if after is None:
@@ -536,6 +574,7 @@ async def _long_poll(caller: Principal, task_id: str, after: int, wait: float) -
 @responds(200, "The updated task.", Task, headers={"ETag": "The new version"})
 @responds(*ERROR_RESPONSES[401])
 @responds(403, "The token lacks scope `tasks:write`.")
+@responds(400, "The task id is not valid (1 to 200 characters, no control characters).")
 @responds(404, "No such task.")
 @responds(409, "The task is finished (`success`, `failed` or `cancelled`) and cannot change.")
 @responds(*ERROR_RESPONSES[422])
@@ -549,8 +588,8 @@ async def update_task(task_id: str, data: TaskPatch) -> Response:
     0 to 100, the ETA a non-negative integer (null lets the server derive it), `state` at most
     64 characters and `error` at most 1000; anything else is 422 with one entry per field.
     """
-    if validate_task_id(task_id) is not None:
-        return not_found()
+    if (problem := validate_task_id(task_id)) is not None:
+        return invalid_task_id(problem)
     change = db.TaskChange(**{name: getattr(data, name) for name in data.model_fields_set})
     try:
         outcome, task = await db.update_task(runtime().pool, task_id, change)
@@ -562,6 +601,7 @@ async def update_task(task_id: str, data: TaskPatch) -> Response:
 @blueprint.post("/api/v1/tasks/<path:task_id>/cancel")
 @responds(200, "The cancelled task.", Task, headers={"ETag": "The new version"})
 @responds(*ERROR_RESPONSES[401])
+@responds(400, "The task id is not valid (1 to 200 characters, no control characters).")
 @responds(404, "No such task, or not yours.")
 @responds(409, "The task is already finished.")
 @responds(*ERROR_RESPONSES[503])
@@ -571,8 +611,8 @@ async def cancel_task(task_id: str) -> Response:
 
     Sets `state` to `cancelled`; streams and long polls see it like any other change.
     """
-    if validate_task_id(task_id) is not None:
-        return not_found()
+    if (problem := validate_task_id(task_id)) is not None:
+        return invalid_task_id(problem)
     try:
         outcome, task = await db.update_task(
             runtime().pool,

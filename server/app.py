@@ -13,17 +13,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from hypercorn.middleware import ProxyFixMiddleware
 from quart import Quart, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from server import db, metrics
+from server import db, metrics, tickets
 from server.auth import AuthError, TokenVerifier, verifier_from_settings
 from server.broker import Broker
 from server.config import ConfigError, Settings
 from server.cors import apply_cors
+from server.csrf import CrossSiteRequestRefused
 from server.embedded import load_or_create_secret
 from server.http import json_error
 from server.inputguard import Utf8GuardMiddleware
+from server.ratelimit import RateLimiter
+from server.schemas import Health
 from server.sendtimeout import SendTimeoutMiddleware
 from server.snapshots import SnapshotReader
 
@@ -44,11 +48,13 @@ class Runtime:
     draining: bool = False
     send_timeouts: int = 0
     snapshots: SnapshotReader = field(init=False)
+    ticket_limiter: RateLimiter = field(init=False)
     # Periodic work of this process: the NOTIFY-queue sample and the metrics tally flush.
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.snapshots = SnapshotReader(lambda: self.pool)
+        self.ticket_limiter = RateLimiter(self.settings.ticket_rate)
 
     def count_send_timeout(self) -> None:
         self.send_timeouts += 1
@@ -126,6 +132,13 @@ def create_app(settings: Settings | None = None) -> Quart:
     )
     app.asgi_app = send_timeout  # type: ignore[method-assign]
     app.asgi_app = Utf8GuardMiddleware(app.asgi_app)  # type: ignore[method-assign]
+    if settings.trusted_proxy_hops:
+        # Only when the operator says how many proxies stand in front: without one, any client
+        # could claim any address in X-Forwarded-For. The access log applies the same rule
+        # (server.logs.forwarded_client), since Hypercorn logs its own copy of the scope.
+        app.asgi_app = ProxyFixMiddleware(  # type: ignore[method-assign]
+            app.asgi_app, mode="legacy", trusted_hops=settings.trusted_proxy_hops
+        )
 
     @app.before_serving
     async def _start() -> None:
@@ -151,8 +164,18 @@ def create_app(settings: Settings | None = None) -> Quart:
                 name="taskstream-queue-sampler",
             ),
             asyncio.create_task(flush_tally(1.0), name="taskstream-metrics-flush"),
+            asyncio.create_task(
+                tickets.run_sweeper(runtime.pool, settings.ticket_sweep_interval),
+                name="taskstream-ticket-sweeper",
+            ),
         ]
         logger.info("taskstream ready (pid %d)", os.getpid())
+        # This process's file descriptors against its limit, for /metrics, /readyz and the log.
+        from server.descriptors import SAMPLE_INTERVAL, WATCH
+
+        runtime.background.append(
+            asyncio.create_task(WATCH.run(SAMPLE_INTERVAL), name="taskstream-fd-sampler")
+        )
 
     @app.after_serving
     async def _stop() -> None:
@@ -171,6 +194,9 @@ def create_app(settings: Settings | None = None) -> Quart:
         await runtime.verifier.aclose()
 
     @app.get("/healthz")
+    @openapi.summarize("Liveness check.", "Answers while the process serves.")
+    @openapi.responds(200, "Alive.", Health)
+    @openapi.security()
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
@@ -183,8 +209,20 @@ def create_app(settings: Settings | None = None) -> Quart:
             metrics.STREAM_ERRORS.labels("auth").inc()
         return json_error(exc.status, exc.message, WWW_Authenticate=exc.challenge)
 
+    @app.errorhandler(CrossSiteRequestRefused)
+    async def _cross_site(exc: CrossSiteRequestRefused) -> Response:
+        return json_error(exc.status, exc.error, exc.detail)
+
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, MethodNotAllowed):
+            # RFC 9110 15.5.6: a 405 must say which methods the resource does allow.
+            from server.api import CANCEL_ALLOW, is_cancel_url
+
+            allowed = (
+                CANCEL_ALLOW if is_cancel_url() else ", ".join(sorted(exc.valid_methods or ()))
+            )
+            return json_error(405, exc.name, Allow=allowed)
         return json_error(exc.code or 500, exc.name)
 
     @app.errorhandler(Exception)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,18 +158,38 @@ def load_public_key(path: Path) -> Key:
     raise ValueError(f"{str(path)!r}: unsupported key type {type(public).__name__}")
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object in a token names the same member twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys, another parser may keep the first: a token
+    # that means different things to different readers is refused (RFC 7515 4, RFC 7519 4).
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise DuplicateKeyError("duplicate member name")
+    return obj
+
+
 def _b64json(segment: str) -> Any:
     padded = segment + "=" * (-len(segment) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    raw = base64.urlsafe_b64decode(padded.encode("ascii"))
+    return json.loads(raw, object_pairs_hook=_unique_keys)
 
 
 def _peek_header(token: str) -> dict[str, Any]:
-    """The unverified JOSE header: only used to choose the key, never trusted beyond that."""
+    """The unverified JOSE header: only used to choose the key, never trusted beyond that.
+
+    Both the header and the payload must be JSON without duplicate member names.
+    """
     parts = token.split(".")
     if len(parts) != 3:
         raise AuthError("Malformed token", token_sent=True)
     try:
         header = _b64json(parts[0])
+        _b64json(parts[1])
+    except DuplicateKeyError:
+        raise AuthError("Token names a header or claim twice", token_sent=True) from None
     except (ValueError, UnicodeError, binascii.Error, RecursionError):
         raise AuthError("Malformed token", token_sent=True) from None
     if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
@@ -304,7 +325,13 @@ class TokenVerifier:
         if isinstance(claims["exp"], bool) or not math.isfinite(exp):
             raise AuthError("Token expiry is not a valid time", token_sent=True)
         user = claims.get(self.user_claim)
-        if not isinstance(user, str) or not user or len(user) > 200:
+        if (
+            not isinstance(user, str)
+            or not user
+            or len(user) > 200
+            # A user id ends up in logs, metrics labels and owner_id: no line breaks, escapes.
+            or any(unicodedata.category(c) == "Cc" for c in user)
+        ):
             raise AuthError(f"Token has no usable '{self.user_claim}' claim", token_sent=True)
         return Principal(user_id=user, expires_at=exp, scopes=_scopes(claims))
 

@@ -107,8 +107,14 @@ class Subscription:
         self.created_after: datetime | None = None
 
     def offer(self, state: TaskState) -> None:
-        if not state.deleted and state.version <= self.sent.get(state.id, 0):
-            return
+        if not state.deleted:
+            if state.owner_id != self.user_id:
+                # Not (or no longer) this user's task: whatever path brought it (NOTIFY, resync,
+                # fallback poll), it reads exactly as a deletion, before the direct writer or the
+                # mailbox sees anything of the new owner's state.
+                state = TaskState.gone(state.id)
+            elif state.version <= self.sent.get(state.id, 0):
+                return
         if (
             self.direct is not None
             and self._waiter is not None
@@ -188,13 +194,15 @@ class Subscription:
 
 
 def is_new_for_owner_stream(state: TaskState, cutoff: datetime | None) -> bool:
-    """Whether a task first seen by an owner-wide stream is new (created after its snapshot)."""
-    if state.deleted or state.created_at is None:
+    """Whether a task first seen by an owner-wide stream is new: it became the owner's (was
+    created for them, or given to them) after the stream's snapshot."""
+    joined = state.owner_since or state.created_at
+    if state.deleted or joined is None:
         return False
     if cutoff is None:
         return True  # the snapshot is still being read: keep it, the stream dedups by version
     try:
-        return datetime.fromisoformat(state.created_at) > cutoff
+        return datetime.fromisoformat(joined) > cutoff
     except ValueError:
         return True
 
@@ -303,8 +311,16 @@ class Broker:
         """Hand one committed state to every mailbox that wants it."""
         subs = self._by_task.get(state.id)
         if subs:
+            foreign: list[Subscription] = []
             for sub in subs:
                 sub.offer(state)
+                if sub.user_id != state.owner_id and not state.deleted:
+                    foreign.append(sub)
+            # offer() gave them the task's not-found ending. They stop watching it, so nothing of
+            # the new owner's reaches them again; if it comes back to them, their owner-wide
+            # streams pick it up below like a new task, and a stream that ended stays ended.
+            for sub in foreign:
+                self.unwatch(sub, state.id)
         owners = self._by_owner.get(state.owner_id)
         if owners:
             for sub in owners:
@@ -470,32 +486,58 @@ class Broker:
         )
 
     async def resync(self) -> None:
-        """Read every subscribed task in one query and hand over whatever moved (or vanished)."""
+        """Read every subscribed task and hand over whatever moved (or vanished), and every task
+        that joined an owner after one of their owner-wide streams took its snapshot (created
+        for them, or given to them, while no notification could say so)."""
         ids = list(self._by_task)
-        if not ids:
+        since = self._owner_cutoffs()
+        if not ids and not since:
             return
         try:
-            rows = await self._fetch(ids)
+            rows, joined = await self._fetch(ids, since)
         except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
             return
         self.resyncs += 1
         for tid in ids:
             state = rows.get(tid)
             if state is not None:
+                # dispatch() compares the owner: a task given away ends as if deleted.
                 self.dispatch(state)
             else:
                 for sub in list(self._by_task.get(tid, ())):
                     if tid in sub.sent:
-                        sub.offer(TaskState(id=tid, owner_id="", version=0, deleted=True))
+                        sub.offer(TaskState.gone(tid))
+        for state in joined:
+            if state.id not in rows:
+                self.dispatch(state)  # its owner's owner-wide streams watch it from now on
 
-    async def _fetch(self, ids: list[str]) -> dict[str, TaskState]:
+    def _owner_cutoffs(self) -> dict[str, datetime]:
+        """Per owner, the earliest snapshot of its owner-wide streams (those still reading their
+        snapshot get everything they need from it)."""
+        since: dict[str, datetime] = {}
+        for owner, subs in self._by_owner.items():
+            cutoffs = [s.created_after for s in subs if s.created_after is not None]
+            if cutoffs:
+                since[owner] = min(cutoffs)
+        return since
+
+    async def _fetch(
+        self, ids: list[str], since: dict[str, datetime]
+    ) -> tuple[dict[str, TaskState], list[TaskState]]:
         if self.pool is not None:
-            return await db.fetch_tasks(self.pool, ids)
+            return await self._read(self.pool, ids, since)
         conn = await db.connect(self._dsn)
         try:
-            return await db.fetch_tasks(conn, ids)
+            return await self._read(conn, ids, since)
         finally:
             await conn.close()
+
+    @staticmethod
+    async def _read(
+        conn: asyncpg.Pool | asyncpg.Connection, ids: list[str], since: dict[str, datetime]
+    ) -> tuple[dict[str, TaskState], list[TaskState]]:
+        rows = await db.fetch_tasks(conn, ids) if ids else {}
+        return rows, await db.fetch_joined_tasks(conn, since)
 
     async def _fallback_poll(self) -> None:
         while True:

@@ -91,6 +91,19 @@ def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
 
+def _metrics_token(env: dict[str, str], name: str) -> str | None:
+    raw = env.get(name, "")
+    if raw == "":
+        return None
+    # It is compared with what scrapers send in a header: only visible ASCII can travel there.
+    if len(raw) < 16 or not all("!" <= c <= "~" for c in raw):
+        raise ConfigError(
+            f"{name} must be at least 16 visible ASCII characters (no spaces); generate one "
+            "with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return raw
+
+
 def default_data_dir() -> Path:
     """Per-user data directory for the embedded PostgreSQL and the generated secret."""
     return Path(platformdirs.user_data_dir("taskstream", appauthor=False))
@@ -116,6 +129,9 @@ class Settings:
     log_level: str = "INFO"
     cors_origins: tuple[str, ...] = ()
     metrics_sample_interval: float = 10.0
+    # Reverse proxies in front of the server whose X-Forwarded-For/-Proto/-Host are believed;
+    # 0 believes none (a client could otherwise claim any address).
+    trusted_proxy_hops: int = 0
     # Demo mode (`taskstream serve --demo`): a token endpoint for a fixed user and a simulated
     # worker. For a local try-out only, never for production.
     demo: bool = False
@@ -131,6 +147,12 @@ class Settings:
     jwt_cookie: str | None = None
     allow_query_token: bool = True
     ticket_ttl: int = 60
+    # Tickets one user may buy per minute from one process (a burst of as many, then 1 per
+    # 60/N seconds); 429 with Retry-After past it.
+    ticket_rate: int = 60
+    ticket_sweep_interval: float = 60.0
+    # A bearer token /metrics requires; None leaves /metrics open (keep it off the internet).
+    metrics_token: str | None = None
     # gc.set_threshold() for each server process; None keeps the interpreter's.
     gc_thresholds: tuple[int, int, int] | None = DEFAULT_GC_THRESHOLDS
 
@@ -162,6 +184,7 @@ class Settings:
             log_level=(e.get("TASKSTREAM_LOG_LEVEL") or "INFO").upper(),
             cors_origins=_origins(e, "TASKSTREAM_CORS_ORIGINS"),
             metrics_sample_interval=_float(e, "TASKSTREAM_METRICS_SAMPLE", 10.0, minimum=0.05),
+            trusted_proxy_hops=_int(e, "TASKSTREAM_TRUSTED_PROXY_HOPS", 0, minimum=0),
             demo=_bool(e, "TASKSTREAM_DEMO", False),
             demo_speed=_float(e, "TASKSTREAM_DEMO_SPEED", 1.0, minimum=0.01),
             jwt_public_key=Path(e["TASKSTREAM_JWT_PUBLIC_KEY"]).expanduser()
@@ -176,5 +199,8 @@ class Settings:
             jwt_cookie=e.get("TASKSTREAM_JWT_COOKIE") or None,
             allow_query_token=_bool(e, "TASKSTREAM_ALLOW_QUERY_TOKEN", True),
             ticket_ttl=_int(e, "TASKSTREAM_TICKET_TTL", 60, minimum=1),
+            ticket_rate=_int(e, "TASKSTREAM_TICKET_RATE", 60, minimum=1),
+            ticket_sweep_interval=_float(e, "TASKSTREAM_TICKET_SWEEP", 60.0, minimum=0.05),
+            metrics_token=_metrics_token(e, "TASKSTREAM_METRICS_TOKEN"),
             gc_thresholds=_gc_thresholds(e, "TASKSTREAM_GC_THRESHOLDS"),
         )

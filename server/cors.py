@@ -80,8 +80,9 @@ def apply_cors(app: _App, origins: tuple[str, ...]) -> _App:
     ``Vary: Origin`` is sent on every response, allowed origin or not, so a shared cache never
     serves one origin's answer to another.
     """
-    # Credentials (cookies) are not used by taskstream: tokens travel in Authorization or the
-    # query string, which need no Access-Control-Allow-Credentials.
+    # No Access-Control-Allow-Credentials: tokens travel in Authorization or the query string.
+    # So another origin's fetch() cannot use the TASKSTREAM_JWT_COOKIE cookie either, and a
+    # cookie-authenticated change must prove it is same-site anyway (server/csrf.py).
     return cors(
         app,
         allow_origin=list(origins),

@@ -23,6 +23,7 @@ __all__ = [
     "TaskChange",
     "connect",
     "create_pool",
+    "fetch_joined_tasks",
     "fetch_open_tasks",
     "fetch_task",
     "fetch_tasks",
@@ -40,7 +41,7 @@ MIGRATION_LOCK_KEY = 0x7473_6D69_6772
 
 TASK_COLUMNS = (
     "id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at,"
-    " started_at, start_progress"
+    " started_at, start_progress, owner_since"
 )
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad input.
@@ -53,6 +54,13 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,
     TimeoutError,
+)
+
+# Errors that mean "PostgreSQL answered, and refused": a database or role that does not exist, a
+# wrong password, a pg_hba rule. Retrying does not help; the operator must fix DATABASE_URL.
+CONNECTION_REFUSED_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
 )
 
 
@@ -162,6 +170,30 @@ async def fetch_tasks(
         f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE id = ANY($1::text[])", list(task_ids)
     )
     return {r["id"]: _row_to_state(r) for r in rows}
+
+
+async def fetch_joined_tasks(
+    conn: asyncpg.Pool | asyncpg.Connection, since: dict[str, datetime]
+) -> list[TaskState]:
+    """Every task that became its owner's (created for them, or given to them) after
+    ``since[owner]``: what an owner-wide stream picks up, read back after a listener outage."""
+    if not since:
+        return []
+    # Two index range scans, (owner_id, created_at) and (owner_id, owner_since), rather than one
+    # OR that reads every task the owner ever had; owner_since >= created_at, so the second
+    # branch only adds tasks created before the cutoff and given to the owner after it.
+    rows = await conn.fetch(
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
+        " ON owner_id = o.joined_owner AND created_at > o.joined_after"
+        f" UNION ALL SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
+        " ON owner_id = o.joined_owner AND owner_since > o.joined_after"
+        " AND created_at <= o.joined_after",
+        list(since),
+        list(since.values()),
+    )
+    return [_row_to_state(r) for r in rows]
 
 
 # -- the task API's queries ------------------------------------------------------------------

@@ -89,7 +89,16 @@ def plan_step(task_id: str, age: float) -> Step:
     done = t / transcribe_for
     if fails and done >= fail_at:
         progress = round(30.0 + 70.0 * fail_at, 1)
-        return Step("failed", progress, None, "decoder crashed at 00:41:07 (simulated failure)")
+        # An offset into the (imaginary) recording, written as a duration: "00:41:07" read
+        # like the time of day the crash happened.
+        offset = 60 + int.from_bytes(h[5:7], "big") % 3540  # 1 to 60 minutes
+        return Step(
+            "failed",
+            progress,
+            None,
+            f"simulated failure: the decoder crashed {offset // 60} min {offset % 60} s "
+            "into the recording",
+        )
     if done < 1.0:
         return Step("transcribing", round(30.0 + 70.0 * done, 1), eta)
     return Step("success", 100.0, 0)

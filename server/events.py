@@ -112,6 +112,8 @@ class TaskState:
     # The ETA anchor kept by the trigger (sql/002_task_started.sql): when work was first seen.
     started_at: str | None = None
     start_progress: float | None = None
+    # When the task passed to this owner (sql/004_owner_since.sql); None: since it was created.
+    owner_since: str | None = None
     # The memo of `eta`; init=False so that dataclasses.replace() never copies a stale one.
     _eta: int | None = field(default=None, init=False, repr=False, compare=False)
     _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
@@ -145,6 +147,7 @@ class TaskState:
             committed_ts=d.get("ts"),
             started_at=_utc(d.get("started_at")),
             start_progress=_float_or_none(d.get("start_progress")),
+            owner_since=_utc(d.get("owner_since")),
         )
 
     @classmethod
@@ -164,19 +167,30 @@ class TaskState:
             updated_at=_iso(row.get("updated_at")),
             started_at=_iso(row.get("started_at")),
             start_progress=_float_or_none(row.get("start_progress")),
+            owner_since=_iso(row.get("owner_since")),
         )
+
+    @classmethod
+    def gone(cls, task_id: str) -> TaskState:
+        """What a subscriber gets for a task that was deleted or is not (or no longer) theirs:
+        the two read the same, so a stream never tells another owner's task from a missing one."""
+        return cls(id=task_id, owner_id="", version=0, deleted=True)
 
     @property
     def eta(self) -> int | None:
-        """The writer's ``estimated_time`` if set, else the derived one (None when terminal).
+        """None for a finished (or deleted) task, else the writer's ``estimated_time`` if set,
+        else the derived one.
 
+        A finished task has no time left to estimate: null, not 0, because 0 would read as
+        "done any second now" on a task that failed or was cancelled. Writers often leave their
+        last ``estimated_time`` in the row when they set the final state, so it must not leak.
         Computed at most once per state, however many clients and requests read it.
         """
         if not self._eta_known:
-            if self.estimated_time is not None:
-                self._eta = self.estimated_time
-            elif self.terminal or self.deleted:
+            if self.terminal or self.deleted:
                 self._eta = None
+            elif self.estimated_time is not None:
+                self._eta = self.estimated_time
             else:
                 self._eta = derive_eta(
                     self.progress, self.updated_at, self.started_at, self.start_progress

@@ -10,6 +10,7 @@ from quart import Response, current_app, jsonify, request
 
 from server import tickets
 from server.auth import AuthError, Principal, extract_token
+from server.csrf import check_cookie_request
 
 __all__ = ["authenticate", "json_error", "runtime"]
 
@@ -72,6 +73,9 @@ async def authenticate(
             )
         if token is None and settings.jwt_cookie:
             token = request.cookies.get(settings.jwt_cookie) or None
+            if token is not None:
+                # The one ambient credential: a browser sends it whoever's page asks.
+                check_cookie_request(settings.cors_origins)
     if token is None:
         raise AuthError("Missing bearer token", token_sent=False)
     principal: Principal = await rt.verifier.verify(token)

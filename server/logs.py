@@ -16,12 +16,13 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 from hypercorn.logging import Logger as HypercornLogger
 
-__all__ = ["AccessLogger", "JsonFormatter", "redact", "setup_logging"]
+__all__ = ["AccessLogger", "JsonFormatter", "forwarded_client", "redact", "setup_logging"]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is emitted.
 _RECORD_FIELDS = frozenset(
@@ -74,6 +75,28 @@ def setup_logging(level: str) -> None:
 
 access_logger = logging.getLogger("taskstream.access")
 
+# An address is short; a longer X-Forwarded-For entry is junk and is not worth a log line.
+MAX_CLIENT_CHARS = 100
+
+
+def forwarded_client(headers: Iterable[tuple[bytes, bytes]], trusted_hops: int) -> str | None:
+    """The client address that ``trusted_hops`` proxies report in X-Forwarded-For, else None.
+
+    The same rule as Hypercorn's ``ProxyFixMiddleware`` in legacy mode (which the app runs when
+    TASKSTREAM_TRUSTED_PROXY_HOPS is set): each proxy appends the address it saw, so the entry
+    ``trusted_hops`` from the right is the last one a trusted proxy wrote; entries further left
+    came from the client and prove nothing.
+    """
+    if trusted_hops <= 0:
+        return None
+    values: list[str] = []
+    for name, value in headers:
+        if name.lower() == b"x-forwarded-for":
+            values.extend(v.decode("latin1").strip() for v in value.split(b","))
+    if len(values) < trusted_hops:
+        return None
+    return values[-trusted_hops][:MAX_CLIENT_CHARS]
+
 
 class AccessLogger(HypercornLogger):
     """Hypercorn's logger with a structured access log that cannot contain a token.
@@ -82,10 +105,18 @@ class AccessLogger(HypercornLogger):
     query string included) and can be told to print any header, so it is replaced, not filtered.
     """
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        from server.config import Settings
+
+        self.trusted_proxy_hops = Settings.from_env().trusted_proxy_hops
+
     async def access(self, request: Any, response: Any, request_time: float) -> None:
         if not access_logger.isEnabledFor(logging.INFO):
             return
-        client = request.get("client")
+        # Hypercorn logs the scope it built, not the app's proxy-fixed copy: apply the rule here.
+        forwarded = forwarded_client(request.get("headers", ()), self.trusted_proxy_hops)
+        client = (forwarded, 0) if forwarded is not None else request.get("client")
         access_logger.info(
             "access",
             extra={

@@ -10,7 +10,8 @@ variable must be set before that, which the CLI does.
 
 Gauges say how their per-process values combine: open streams and connected listeners are
 summed over live processes; the notification queue usage is one cluster-wide number that every
-process samples, so the largest recent sample is reported.
+process samples, so the largest recent sample is reported; open descriptors and their limit are
+per process, so each live process's value is kept (with a ``pid`` label).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ __all__ = [
     "EVENTS_SENT",
     "LISTENER_CONNECTED",
     "LISTENER_RECONNECTS",
+    "MAX_FDS",
     "NOTIFICATIONS",
     "NOTIFY_QUEUE_USAGE",
+    "OPEN_FDS",
     "PUSH_LATENCY",
     "STREAMS_OPEN",
     "STREAM_DURATION",
@@ -100,6 +103,17 @@ NOTIFY_QUEUE_USAGE = Gauge(
     "taskstream_notification_queue_usage",
     "pg_notification_queue_usage(): fraction of PostgreSQL's NOTIFY queue in use (sampled).",
     multiprocess_mode="livemax",
+)
+# Per process (a `pid` label under several workers): each worker has its own descriptors and limit.
+OPEN_FDS = Gauge(
+    "taskstream_open_fds",
+    "File descriptors this process has open (sampled about once a second).",
+    multiprocess_mode="liveall",
+)
+MAX_FDS = Gauge(
+    "taskstream_max_fds",
+    "This process's soft RLIMIT_NOFILE: at it, new connections are refused.",
+    multiprocess_mode="liveall",
 )
 
 # Stream-ending error events, told apart by their (fixed, server-written) data.

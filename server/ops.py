@@ -1,23 +1,30 @@
 """Operations endpoints: ``/readyz`` and ``/metrics``, and the periodic NOTIFY-queue sample.
 
+``/metrics`` is open unless ``TASKSTREAM_METRICS_TOKEN`` is set; then it wants
+``Authorization: Bearer <that token>`` (what Prometheus's ``authorization`` scrape option sends).
+
 ``/healthz`` (in :mod:`server.app`) says the process is alive; ``/readyz`` says it can do its job:
 a load balancer or Kubernetes should send streams only to an instance whose database answers and
 whose LISTEN connection is up, because a stream opened elsewhere would get its snapshot and then
-nothing until the listener is back.
+nothing until the listener is back. It also says when the process is close to its
+file-descriptor limit (:mod:`server.descriptors`), where new connections are about to be refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from typing import TYPE_CHECKING
 
 import asyncpg
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from server import db, metrics
-from server.http import runtime
+from server.http import json_error, runtime
+from server.openapi import responds, security, summarize
+from server.schemas import Readiness
 
 if TYPE_CHECKING:
     from server.app import Runtime
@@ -32,6 +39,14 @@ READY_DB_TIMEOUT = 2.0
 
 
 @blueprint.get("/readyz")
+@summarize(
+    "Readiness check.",
+    "200 when the database answers and the LISTEN connection is up, so this instance "
+    "can serve streams; 503 otherwise (or while shutting down).",
+)
+@responds(200, "Ready.", Readiness)
+@responds(503, "Not ready; `reasons` says why.", Readiness, headers={"Retry-After": "2"})
+@security()
 async def readyz() -> Response:
     rt: Runtime = runtime()
     reasons: list[str] = []
@@ -39,6 +54,10 @@ async def readyz() -> Response:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
         reasons.append("LISTEN connection is down")
+    from server.descriptors import WATCH as descriptors
+
+    if descriptors.sample():
+        reasons.append("file descriptors near the limit")
     try:
         await asyncio.wait_for(rt.pool.fetchval("SELECT 1"), READY_DB_TIMEOUT)
     except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
@@ -56,8 +75,24 @@ def _json(body: object) -> str:
 
 
 @blueprint.get("/metrics")
+@summarize("Prometheus metrics.", "This process's metrics in the Prometheus text format.")
+@responds(200, "The metrics.", text=("text/plain", "Prometheus text exposition format 0.0.4."))
+@responds(401, "`TASKSTREAM_METRICS_TOKEN` is set and the request lacks it as a bearer.")
+@security()
 async def prometheus_metrics() -> Response:
+    expected: str | None = runtime().settings.metrics_token
+    if expected is not None and not _bearer_matches(request.headers.get("Authorization"), expected):
+        # Not an AuthError: that handler counts stream errors and speaks of JWTs.
+        return json_error(401, "Metrics token required", WWW_Authenticate='Bearer realm="metrics"')
     return Response(metrics.render(), status=200, content_type=metrics.CONTENT_TYPE_LATEST)
+
+
+def _bearer_matches(authorization: str | None, expected: str) -> bool:
+    """Whether ``authorization`` is ``Bearer <expected>``, compared in constant time."""
+    scheme, _, value = (authorization or "").partition(" ")
+    # compare_digest needs ASCII str (or bytes); a header may hold any Latin-1 text.
+    given = value.strip().encode("latin-1", "replace")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected.encode("ascii"))
 
 
 async def sample_queue_usage(pool: asyncpg.Pool, interval: float) -> None:

@@ -29,6 +29,18 @@ from server.broker import StreamLimitExceeded, Subscription, is_new_for_owner_st
 from server.events import TaskState
 from server.http import authenticate, json_error, runtime
 from server.observe import observe_push, observed
+from server.openapi import (
+    SSE_AUTH,
+    SSE_PARAMETERS,
+    optional_parameter,
+    parameters,
+    responds,
+    security,
+    sse_refusals,
+    sse_responds,
+    summarize,
+)
+from server.schemas import MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
 from server.sendtimeout import RAW_SEND
 from server.transport import chunked_writer
 
@@ -196,6 +208,19 @@ class _Stream:
 
 
 @blueprint.get("/api/v1/sse/tasks/<path:task_id>/progress")
+@summarize(
+    "Stream one task's progress (Server-Sent Events).",
+    "The current state as a `progress` event (its `id` is the version), then one per "
+    "committed change; after a terminal state a `complete` event, then the server "
+    "closes. A missing task and another user's task both give one `error` event "
+    "(`Task not found`) with `id: end`; a reconnect sending that id gets 204. " + SSE_AUTH,
+)
+@sse_responds("The event stream.", SINGLE_TASK_EVENTS)
+@responds(204, "Nothing more will come (the client already saw the end); stop.")
+@responds(400, "The task id is not valid.")
+@sse_refusals("The ticket does not cover this task (it is spent anyway).")
+@parameters(*SSE_PARAMETERS)
+@security({"bearerAuth": []}, {"accessToken": []})
 async def task_progress(task_id: str) -> Response:
     principal = await authenticate([task_id])
     problem = validate_task_id(task_id)
@@ -249,6 +274,25 @@ def _parse_ids(raw_values: list[str]) -> list[str] | str:
 
 
 @blueprint.get("/api/v1/sse/tasks")
+@summarize(
+    "Stream many tasks on one connection (Server-Sent Events).",
+    "With `ids=a,b,c` (at most 100): every event about a task carries its `task_id`, "
+    "`complete` is sent per task and the stream closes when every listed task is terminal; "
+    "a missing or foreign task gives an `error` event for that id. Without `ids`: all of "
+    "the caller's non-terminal tasks and the tasks they create later, until the timeout. "
+    "The `id` of an event lists the versions seen, one per listed task, for resuming. " + SSE_AUTH,
+)
+@sse_responds("The event stream; every event about a task has its `task_id`.", MULTI_TASK_EVENTS)
+@responds(204, "Resumed, and every listed task had already finished.")
+@responds(400, "`ids` is not valid (at most 100 ids, each 1 to 200 characters).")
+@sse_refusals("The ticket does not cover these tasks (it is spent anyway).")
+@parameters(
+    optional_parameter(
+        "ids", "query", "Comma-separated task ids; omitted: all of your open tasks."
+    ),
+    *SSE_PARAMETERS,
+)
+@security({"bearerAuth": []}, {"accessToken": []})
 async def tasks_stream() -> Response:
     raw_ids = request.args.getlist("ids")
     owner_wide = not raw_ids
@@ -292,7 +336,7 @@ async def tasks_stream() -> Response:
         if state is None or state.owner_id != principal.user_id:
             stream.open_ids.discard(tid)
             if seen is None:
-                snapshots.append(TaskState(id=tid, owner_id="", version=0, deleted=True))
+                snapshots.append(TaskState.gone(tid))
             continue
         already = seen.get(tid, -1) if seen is not None else -1
         sub.mark_sent(state)
@@ -342,7 +386,8 @@ def _direct_write(
     nothing the stream still has to write can be overtaken. It declines (returns False, and the
     mailbox path takes over with its conflation and the send timeout) for terminal states and
     deletions, which end the stream, and whenever the socket has not drained what it was given:
-    a slow client never gets more than the kernel accepts.
+    a slow client never gets more than the kernel accepts. It never sees another owner's state:
+    :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
     """
     sub = stream.sub
     tally = metrics.TALLY

@@ -16,6 +16,7 @@ from quart_schema import document_request
 from server import tickets
 from server.http import authenticate, json_error, runtime
 from server.openapi import responds, security, summarize
+from server.ratelimit import retry_after
 from server.streams import MAX_TASKS_PER_STREAM, validate_task_id
 
 __all__ = ["blueprint"]
@@ -69,11 +70,25 @@ class TicketResponse(BaseModel):
 @responds(400, "The body is not a JSON object naming 1 to 100 valid task ids.")
 @responds(401, "Missing or bad bearer token (only the Authorization header counts here).")
 @responds(413, "The body is over 64 KiB.")
+@responds(
+    429,
+    "Too many tickets for this user (TASKSTREAM_TICKET_RATE).",
+    headers={"Retry-After": "Seconds until the next ticket"},
+)
 @responds(503, "The database is unreachable; see Retry-After.")
 @security({"bearerAuth": []})
 @document_request(TicketRequest)
 async def create_ticket() -> Response:
     principal = await authenticate(header_only=True)
+    rt = runtime()
+    wait = rt.ticket_limiter.take(principal.user_id)
+    if wait > 0:
+        return json_error(
+            429,
+            "Too many tickets",
+            f"at most {rt.settings.ticket_rate} a minute per user (TASKSTREAM_TICKET_RATE)",
+            Retry_After=retry_after(wait),
+        )
     raw = await request.get_data()
     try:
         body = json.loads(raw)
@@ -83,7 +98,6 @@ async def create_ticket() -> Response:
     ids = _task_ids(body)
     if isinstance(ids, str):
         return json_error(400, "Invalid ticket request", ids)
-    rt = runtime()
     ttl: int = rt.settings.ticket_ttl
     ticket = await tickets.issue(rt.pool, principal, ids, ttl=ttl)
     response = jsonify({"ticket": ticket, "expires_in": ttl})

@@ -18,6 +18,7 @@ from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 from quart import Quart
 
+from server import peerclose
 from server.app import Runtime, create_app
 from server.auth import issue_token
 from server.config import Settings
@@ -71,6 +72,7 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def run_server(settings: Settings, *, sndbuf: int | None = None) -> AsyncIterator[LiveServer]:
+    peerclose.install()  # as `taskstream serve` does
     app = create_app(settings)
     config = Config()
     config.bind = ["127.0.0.1:0"]

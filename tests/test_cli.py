@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +18,8 @@ import httpx
 import pytest
 
 from server.auth import TokenVerifier
+from server.db import migration_files
+from tests import pg
 from tests.conftest import SECRET, create_task
 from tests.sse_client import open_stream
 
@@ -218,3 +221,162 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     expected = sorted(f"server/sql/{p.name}" for p in (root / "sql").glob("*.sql"))
     assert shipped == expected and expected
     assert "server/py.typed" in names
+
+
+# -- the first steps of a new user: one clear line, a non-zero exit, no traceback ---------------
+
+
+@pytest.fixture
+async def empty_database_url(pg_cluster: str) -> AsyncIterator[str]:
+    """A database with no migrations applied yet, as a new user's is."""
+    name = f"ts_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_cluster)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield pg.with_database(pg_cluster, name)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _run_cli(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+async def test_port_in_use_is_one_clear_line(database_url: str) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+        r = _run_cli(env, "serve", "--port", str(port))
+    assert r.returncode == 1, r
+    line = _one_line(r.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "already in use" in line, line
+    assert "PostgreSQL" not in line and "listening" not in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("replace", "expected"),
+    [
+        (("/", "/no_such_database_here"), 'database "no_such_database_here" does not exist'),
+        (("postgres@", "no_such_role:pw-s3cr3t-value@"), 'role "no_such_role" does not exist'),
+    ],
+)
+async def test_database_or_role_that_does_not_exist_is_one_clear_line(
+    database_url: str, replace: tuple[str, str], expected: str
+) -> None:
+    base, _, _ = database_url.rpartition("/")
+    url = f"{base}/no_such_database_here" if replace[0] == "/" else database_url
+    if replace[0] != "/":
+        assert "postgres@" in url, "the test cluster's URL is expected to use the postgres role"
+        url = url.replace(*replace, 1)
+    env = _clean_env(DATABASE_URL=url, TASKSTREAM_JWT_SECRET=SECRET)
+    for command in (["serve", "--port", "0"], ["migrate"]):
+        r = _run_cli(env, *command)
+        assert r.returncode == 1, r
+        line = _one_line(r.stderr)
+        assert expected in line and "DATABASE_URL" in line, line
+        assert "pw-s3cr3t-value" not in r.stderr + r.stdout
+
+
+async def test_short_secret_is_rejected_before_anything_starts(empty_database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=empty_database_url, TASKSTREAM_JWT_SECRET="too-short-s3cret")
+    r = _run_cli(env, "serve", "--port", "0")
+    assert r.returncode == 2, r
+    line = _one_line(r.stderr)
+    assert "at least 32 bytes" in line and "too-short-s3cret" not in r.stderr + r.stdout
+    # Nothing started: no URL printed, no migration applied.
+    assert "listening" not in r.stdout and "migration" not in r.stdout, r.stdout
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('taskstream.schema_migrations')") is None
+    finally:
+        await conn.close()
+
+
+async def test_token_with_a_short_secret_is_one_clear_line(database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET="too-short-s3cret")
+    r = _run_cli(env, "token", "alice")
+    assert r.returncode == 2, r
+    line = _one_line(r.stderr)
+    assert "TASKSTREAM_JWT_SECRET" in line and "at least 32 bytes" in line, line
+    assert "too-short-s3cret" not in r.stderr + r.stdout and r.stdout == ""
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "soon"])
+async def test_token_ttl_must_be_positive(database_url: str, ttl: str) -> None:
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    r = _run_cli(env, "token", "alice", "--ttl", ttl)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert "--ttl" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_each_migration_is_logged_once(empty_database_url: str) -> None:
+    env = _clean_env(DATABASE_URL=empty_database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    serve = await start_serve(env)
+    try:
+        await serve.wait_ready()
+    finally:
+        code = await serve.stop()
+    assert code == 0, serve.output
+    output = "".join(serve.output)
+    names = [name for name, _ in migration_files()]
+    assert names
+    for name in names:
+        assert output.count(name) == 1, output
+
+
+async def _sigterm_after(env: dict[str, str], marker: str) -> ServeProcess:
+    serve = await start_serve(env)
+    assert serve.proc.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(serve.proc.stdout.readline(), 60)).decode()
+        assert line, "server exited early:\n" + "".join(serve.output)
+        serve.output.append(line)
+        if marker in line:
+            break
+    code = await serve.stop()
+    assert code == 0, "".join(serve.output)
+    return serve
+
+
+@pytest.mark.parametrize("marker", ["listening on", "taskstream ready"])
+async def test_sigterm_during_start_up_stops_cleanly(database_url: str, marker: str) -> None:
+    """Regression: a SIGTERM between the migrations and the worker's own signal handlers
+    killed the process (exit -15), which would leave an embedded PostgreSQL running."""
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    serve = await _sigterm_after(env, marker)
+    assert "Traceback" not in "".join(serve.output)
+
+
+def test_help_texts_say_what_and_the_defaults() -> None:
+    env = _clean_env()
+    top = _run_cli(env, "--help").stdout
+    assert "Server-Sent Events" in top and "taskstream serve" in top
+    for markup in (":mod:", "``", "Hypercorn workers"):
+        assert markup not in top, top
+    serve = " ".join(_run_cli(env, "serve", "--help").stdout.split())
+    for text in ("address to listen on (default: 127.0.0.1", "(default: 8000", "(default: 1)"):
+        assert text in serve, serve
+    token = " ".join(_run_cli(env, "token", "--help").stdout.split())
+    assert "lifetime in seconds, at least 1 (default: 3600)" in token, token

@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.termclient import format_eta, progress_line, render_bar
+from server.client.terminal import format_eta, progress_line, render_bar
 from tests.conftest import LiveServer, create_task
 
 WRITE = ["tasks:write"]
@@ -100,6 +100,10 @@ def test_bar_and_eta_formatting() -> None:
     ]
     line = progress_line({"progress": 40, "state": "transcribing", "estimated_time": 71})
     assert "40.0%" in line and "transcribing" in line and "ETA 1m11s" in line
+    # A finished task shows no ETA, even if the data carries the writer's last estimate.
+    for state in ("success", "failed", "cancelled"):
+        line = progress_line({"progress": 100, "state": state, "estimated_time": 71})
+        assert line.endswith(f"100.0%  {state}") and "ETA" not in line, line
     # Text from the server cannot drive the terminal.
     assert "\x1b" not in progress_line({"progress": 1, "state": "\x1b[2Jevil"})
 
@@ -124,6 +128,9 @@ async def test_watch_success_exits_0(server: LiveServer, sql: asyncpg.Connection
     assert "queued" in r.stderr
     assert "40.0%  transcribing  ETA 1m11s" in r.stderr
     assert "100.0%  success" in r.stderr
+    # The writer left estimated_time = 71 in the row: a finished task still shows no ETA.
+    assert "1m11s" not in r.stderr.split("100.0%  success")[1]
+    assert "success  ETA" not in r.stderr
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,8 +85,9 @@ def test_writer_value_wins_and_terminal_is_null() -> None:
     assert _state(estimated_time=5).progress_data()["estimated_time"] == 5
     assert _state(estimated_time=0).progress_data()["estimated_time"] == 0
     assert _state(state="failed").progress_data()["estimated_time"] is None
-    # A writer's value is the writer's, even on a finished task.
-    assert _state(state="success", estimated_time=3).eta == 3
+    # A finished task has no ETA, even when the writer left its last estimate in the row.
+    assert _state(state="success", estimated_time=3).eta is None
+    assert _state(state="cancelled", estimated_time=0).progress_data()["estimated_time"] is None
 
 
 def test_computed_once_per_state(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,3 +200,32 @@ async def test_derived_eta_in_events_and_api(
             " estimated_time = NULL WHERE id = 't1'"
         )
         assert (await s.next()).json()["estimated_time"] is None
+
+
+async def test_finished_task_has_no_eta_although_the_row_keeps_one(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    """A worker that sets only the final state leaves its last estimate in the row: no ETA."""
+    await create_task(sql, "t1", state="transcribing")
+    await sql.execute("UPDATE taskstream.tasks SET progress = 40, estimated_time = 71")
+    headers = {"Authorization": f"Bearer {server.token()}"}
+    url = f"{server.url}/api/v1/tasks/t1"
+    async with open_stream(client, server.stream_url("t1"), token=server.token()) as s:
+        first = (await s.next()).json()
+        assert first["estimated_time"] == 71
+        # The long poll waits for the next version and answers with the finished task.
+        poll = client.get(
+            url, params={"wait": 10, "after_version": first["version"]}, headers=headers
+        )
+        poll_task = asyncio.ensure_future(poll)
+        await asyncio.sleep(0.2)
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success', progress = 100")
+        final = (await s.next()).json()
+        assert (final["state"], final["estimated_time"]) == ("success", None)
+        assert (await s.next()).event == "complete"
+        polled = await asyncio.wait_for(poll_task, 10)
+    assert polled.status_code == 200
+    assert (polled.json()["state"], polled.json()["estimated_time"]) == ("success", None)
+    body = (await client.get(url, headers=headers)).json()
+    assert (body["state"], body["estimated_time"]) == ("success", None)
+    assert await sql.fetchval("SELECT estimated_time FROM taskstream.tasks") == 71

@@ -57,9 +57,27 @@ async def test_task_routes_and_statuses(server: LiveServer, client: httpx.AsyncC
     statuses = {
         ("post", "/api/v1/tasks"): {"201", "401", "403", "409", "422", "503"},
         ("get", "/api/v1/tasks"): {"200", "401", "422", "503"},
-        ("get", "/api/v1/tasks/{task_id}"): {"200", "304", "401", "404", "422", "429", "503"},
-        ("patch", "/api/v1/tasks/{task_id}"): {"200", "401", "403", "404", "409", "422", "503"},
-        ("post", "/api/v1/tasks/{task_id}/cancel"): {"200", "401", "404", "409", "503"},
+        ("get", "/api/v1/tasks/{task_id}"): {
+            "200",
+            "304",
+            "400",
+            "401",
+            "404",
+            "422",
+            "429",
+            "503",
+        },
+        ("patch", "/api/v1/tasks/{task_id}"): {
+            "200",
+            "400",
+            "401",
+            "403",
+            "404",
+            "409",
+            "422",
+            "503",
+        },
+        ("post", "/api/v1/tasks/{task_id}/cancel"): {"200", "400", "401", "404", "409", "503"},
     }
     for (method, path), codes in statuses.items():
         assert set(paths[path][method]["responses"]) == codes, (method, path)
@@ -149,3 +167,21 @@ async def test_schema_validation_errors_are_422_json(
         "detail": [{"field": "limit", "message": r.json()["detail"][0]["message"]}],
     }
     assert "integer" in r.json()["detail"][0]["message"]
+
+
+async def test_docs_say_which_routes_need_no_jwt(
+    server: LiveServer, client: httpx.AsyncClient
+) -> None:
+    """What the docs promise about tokens is what the routes do."""
+    page = (await client.get(f"{server.url}/docs")).text
+    assert "Every route but" not in page
+    assert (
+        "`/healthz`, `/readyz` and `/metrics` need no JWT"
+        in (await _spec(server, client))["info"]["description"]
+    )
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert path in page
+        r = await client.get(server.url + path)
+        assert r.status_code == 200, (path, r.status_code)
+    r = await client.get(f"{server.url}/api/v1/tasks")
+    assert r.status_code == 401

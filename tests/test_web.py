@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import asyncpg
@@ -46,6 +47,14 @@ def test_demo_plan_fails_occasionally_not_often() -> None:
     fates = [_walk(f"demo_{n:04d}", step=1.0)[-1].state for n in range(600)]
     failed = fates.count("failed") / len(fates)
     assert 0.08 < failed < 0.25, failed
+
+
+def test_demo_failure_message_is_not_a_clock_time() -> None:
+    errors = {_walk(f"demo_{n:04d}", step=1.0)[-1].error for n in range(200)} - {None}
+    assert len(errors) > 5  # the crash point differs between tasks
+    for error in errors:
+        assert error and error.startswith("simulated failure: ") and " into the recording" in error
+        assert not re.search(r"\d:\d\d", error), error
 
 
 def test_demo_plan_rejects_negative_age() -> None:

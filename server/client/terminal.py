@@ -11,7 +11,9 @@ line on stdout is a one-line reason, e.g. ``failed: disk full``.
 (``DATABASE_URL``, else the embedded PostgreSQL of ``TASKSTREAM_DATA_DIR``); ``--db`` forces the
 database. Both paths apply the same validation and the same rule that a finished task cannot
 change. Exit codes: 0 done; 1 refused because of the task (the id exists, no such task, the task is
-finished); 2 invalid input or any other error.
+finished); 2 invalid input or any other error. The validation rules and the database writes are
+the server's, handed in as a :class:`~server.client.local.LocalTasks` (``server.localtasks``), so
+this module imports no server module; ``watch`` needs the ``client`` extra (httpx-sse).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from urllib.parse import quote
 
 import httpx
 
-__all__ = ["add_commands", "format_eta", "render_bar"]
+from server.client.local import DatabaseUnreachable, InvalidInput, LocalTasks, TaskRefused
+
+__all__ = ["TERMINAL_STATES", "add_commands", "format_eta", "render_bar"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_SUCCESS, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
@@ -38,6 +42,12 @@ EXIT_SUCCESS, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 MAX_RECONNECTS = 5
 # No byte for this long (heartbeats come every 15 s by default) means the connection is dead.
 READ_TIMEOUT = 60.0
+
+# The server's terminal states (server.events.TERMINAL_STATES), copied so that the client imports
+# no server module; tests/test_client_package.py proves the two agree.
+TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
+# The extra that brings what the watch command needs beyond the server's dependencies.
+CLIENT_EXTRA_HINT = "install taskstream[client] (pip install 'taskstream[client]')"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -66,10 +76,13 @@ def render_bar(progress: float, width: int = 30) -> str:
 
 def progress_line(data: dict[str, Any]) -> str:
     progress = float(data.get("progress") or 0.0)
-    return (
-        f"{render_bar(progress)} {progress:5.1f}%  {_clean(data.get('state', '?'))}"
-        f"  ETA {format_eta(data.get('estimated_time'))}"
-    )
+    state = data.get("state", "?")
+    line = f"{render_bar(progress)} {progress:5.1f}%  {_clean(state)}"
+    # A finished task has no time left: no "ETA", even from a server that sends the writer's
+    # last estimate with the final state.
+    if state in TERMINAL_STATES:
+        return line
+    return f"{line}  ETA {format_eta(data.get('estimated_time'))}"
 
 
 @dataclass
@@ -283,16 +296,11 @@ def _use_api(args: argparse.Namespace) -> bool:
     )
 
 
-def _validated(model: Any, data: dict[str, Any]) -> Any:
-    from pydantic import ValidationError
-
-    from server.openapi import field_errors
-
+def _validated(check: Callable[[dict[str, Any]], None], data: dict[str, Any]) -> None:
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{e['field']}: {e['message']}" for e in field_errors(exc))
-        raise CommandError(EXIT_ERROR, f"invalid: {problems}") from None
+        check(data)
+    except InvalidInput as exc:
+        raise CommandError(EXIT_ERROR, f"invalid: {exc}") from None
 
 
 async def _api_call(
@@ -317,48 +325,7 @@ async def _api_call(
     raise CommandError(code, reason)
 
 
-class _Database:
-    """A connection from DATABASE_URL, or to the embedded PostgreSQL (started if need be)."""
-
-    def __init__(self) -> None:
-        self.embedded: Any = None
-        self.conn: Any = None
-
-    async def __aenter__(self) -> Any:
-        from server import db
-        from server.config import Settings
-
-        settings = Settings.from_env()
-        url = settings.database_url
-        if url is None:
-            from server.embedded import EmbeddedPostgres
-
-            self.embedded = EmbeddedPostgres(settings.data_dir)
-            url = await asyncio.to_thread(self.embedded.start)
-            assert url is not None
-            await db.migrate(url)
-        try:
-            self.conn = await db.connect(url)
-        except BaseException:
-            await self._stop_embedded()
-            raise
-        return self.conn
-
-    async def _stop_embedded(self) -> None:
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.stop)
-
-    async def __aexit__(self, *exc: object) -> None:
-        try:
-            if self.conn is not None:
-                await self.conn.close()
-        finally:
-            await self._stop_embedded()
-
-
-async def _create(args: argparse.Namespace) -> str:
-    from server.api import TaskCreate, new_task_id
-
+async def _create(args: argparse.Namespace, local: Callable[[], LocalTasks]) -> str:
     fields: dict[str, Any] = {}
     if args.id is not None:
         fields["id"] = args.id
@@ -368,34 +335,23 @@ async def _create(args: argparse.Namespace) -> str:
         fields["state"] = args.state
     if args.eta is not None:
         fields["estimated_time"] = args.eta
-    data = _validated(TaskCreate, fields)
+    tasks = local()
+    _validated(tasks.check_create, fields)
     if _use_api(args):
         token = _token(args)
         if token is None:
             raise CommandError(EXIT_ERROR, "error: no token (--token or TASKSTREAM_TOKEN)")
         task = await _api_call("POST", f"{_url(args)}/api/v1/tasks", token, fields)
         return str(task["task_id"])
-    if data.owner_id is None:
+    if fields.get("owner_id") is None:
         raise CommandError(EXIT_ERROR, "error: --owner is required when writing the database")
-    from server import db
-
-    async with _Database() as conn:
-        state = await db.insert_task(
-            conn,
-            data.id or new_task_id(),
-            data.owner_id,
-            state=data.state,
-            progress=data.progress,
-            estimated_time=data.estimated_time,
-        )
-    if state is None:
-        raise CommandError(EXIT_FAILED, f"task already exists: {_clean(data.id)}")
-    return state.id
+    try:
+        return await tasks.create(fields)
+    except TaskRefused as exc:
+        raise CommandError(EXIT_FAILED, _clean(exc)) from None
 
 
-async def _update(args: argparse.Namespace) -> str:
-    from server.api import TaskPatch
-
+async def _update(args: argparse.Namespace, local: Callable[[], LocalTasks]) -> str:
     fields: dict[str, Any] = {}
     if args.state is not None:
         fields["state"] = args.state
@@ -405,7 +361,8 @@ async def _update(args: argparse.Namespace) -> str:
         fields["estimated_time"] = None if args.eta == "auto" else args.eta
     if args.error is not None:
         fields["error"] = args.error
-    data = _validated(TaskPatch, fields)
+    tasks = local()
+    _validated(tasks.check_update, fields)
     if _use_api(args):
         token = _token(args)
         if token is None:
@@ -413,30 +370,47 @@ async def _update(args: argparse.Namespace) -> str:
         task_url = f"{_url(args)}/api/v1/tasks/{quote(args.task_id, safe='')}"
         task = await _api_call("PATCH", task_url, token, fields)
         return json.dumps(task)
-    from server import db
-
-    change = db.TaskChange(**{name: getattr(data, name) for name in data.model_fields_set})
-    async with _Database() as conn:
-        outcome, state = await db.update_task(conn, args.task_id, change)
-    if outcome == "not_found" or state is None:
-        raise CommandError(EXIT_FAILED, f"task not found: {_clean(args.task_id)}")
-    if outcome == "terminal":
-        raise CommandError(EXIT_FAILED, f"task is finished ({_clean(state.state)})")
-    return json.dumps(state.api_data())
+    try:
+        return json.dumps(await tasks.update(args.task_id, fields))
+    except TaskRefused as exc:
+        raise CommandError(EXIT_FAILED, _clean(exc)) from None
 
 
 def _run_command(coro_factory: Callable[[], Any]) -> int:
-    from server.db import CONNECTION_ERRORS
-
     try:
         print(asyncio.run(coro_factory()))
     except CommandError as exc:
         print(f"taskstream: {exc.reason}", file=sys.stderr)
         return exc.code
-    except CONNECTION_ERRORS as exc:
-        print(f"taskstream: cannot reach PostgreSQL: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except DatabaseUnreachable as exc:
+        print(f"taskstream: cannot reach PostgreSQL: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_SUCCESS
+
+
+def _missing_client_extra() -> str | None:
+    """The name of a module the watch command needs that is not installed, if any."""
+    try:
+        import httpx_sse  # noqa: F401
+    except ImportError:
+        return "httpx-sse"
+    return None
+
+
+def _with_client_extra(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Run ``command``, or, without the ``client`` extra, say in one line (the watch's last line
+    on stdout, exit 2) what to install."""
+
+    def run(args: argparse.Namespace) -> int:
+        missing = _missing_client_extra()
+        if missing is not None:
+            print(f"error: taskstream {args.command} needs {missing}: {CLIENT_EXTRA_HINT}")
+            return EXIT_ERROR
+        return command(args)
+
+    return run
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -481,8 +455,12 @@ def _client_options(parser: argparse.ArgumentParser, *, db_option: bool) -> None
         )
 
 
-def add_commands(sub: Any) -> None:
-    """Add ``watch``, ``create`` and ``update`` to the ``taskstream`` parser."""
+def add_commands(sub: Any, local_tasks: Callable[[], LocalTasks]) -> None:
+    """Add ``watch``, ``create`` and ``update`` to the ``taskstream`` parser.
+
+    ``local_tasks`` gives the server's validation rules and its direct database writes; it is
+    called only when ``create`` or ``update`` runs, so the other commands never import them.
+    """
     watch_p = sub.add_parser(
         "watch",
         help="follow a task live; exit 0 success, 1 failed/cancelled, 2 error/timeout",
@@ -497,7 +475,7 @@ def add_commands(sub: Any) -> None:
     watch_p.add_argument(
         "--timeout", type=float, default=None, help="give up (exit 2) after this many seconds"
     )
-    watch_p.set_defaults(func=_cmd_watch)
+    watch_p.set_defaults(func=_with_client_extra(_cmd_watch))
 
     create_p = sub.add_parser(
         "create",
@@ -510,7 +488,7 @@ def add_commands(sub: Any) -> None:
     create_p.add_argument("--state", help="initial state (default: pending)")
     create_p.add_argument("--eta", type=int, help="initial estimated_time in seconds")
     _client_options(create_p, db_option=True)
-    create_p.set_defaults(func=lambda a: _run_command(lambda: _create(a)))
+    create_p.set_defaults(func=lambda a: _run_command(lambda: _create(a, local_tasks)))
 
     update_p = sub.add_parser(
         "update",
@@ -524,4 +502,4 @@ def add_commands(sub: Any) -> None:
     )
     update_p.add_argument("--error", help="error text (at most 1000 characters)")
     _client_options(update_p, db_option=True)
-    update_p.set_defaults(func=lambda a: _run_command(lambda: _update(a)))
+    update_p.set_defaults(func=lambda a: _run_command(lambda: _update(a, local_tasks)))
