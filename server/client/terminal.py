@@ -33,7 +33,14 @@ from urllib.parse import quote
 
 import httpx
 
-from server.client.display import TERMINAL_STATES, Display, clean, format_eta, render_bar
+from server.client.display import (
+    TERMINAL_STATES,
+    Display,
+    clean,
+    format_eta,
+    progress_line,
+    render_bar,
+)
 from server.client.local import DatabaseUnreachable, InvalidInput, LocalTasks, TaskRefused
 from server.client.watch import (
     EXIT_ERROR,
@@ -45,7 +52,7 @@ from server.client.watch import (
     watch,
 )
 
-__all__ = ["TERMINAL_STATES", "add_commands", "format_eta", "render_bar"]
+__all__ = ["TERMINAL_STATES", "add_commands", "format_eta", "progress_line", "render_bar"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The extra that brings what the watch command needs beyond the server's dependencies.
