@@ -6,10 +6,10 @@
    :class:`~server.stream.registry.Lease` that owns one stream's subscription;
 3. :mod:`~server.stream.mailbox`: one client's pending states, one slot per task;
 4. :mod:`~server.stream.encoder`: every SSE byte the server writes;
-5. :mod:`~server.stream.routes`: the SSE endpoints, which decide whether a stream opens and
-   what it starts with;
-6. :mod:`~server.stream.session`: one open stream, from its first write to its close (and the
-   direct write of a single-task stream's progress to its socket).
+5. :mod:`~server.stream.session`: one open stream, from its first write to its close (and the
+   direct write of a single-task stream's progress to its socket);
+6. :mod:`~server.stream.routes`: the SSE endpoints, which decide whether a stream opens and
+   what it starts with, then hand it to a session.
 
 Beside them: :mod:`~server.stream.snapshots` (batched reads of the current rows) and
 :mod:`~server.stream.observe` (stream metrics, open/close logs and close reasons).
