@@ -59,6 +59,23 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 # -- helpers -------------------------------------------------------------------------------
 
 
+def task_change_responses(done: str, *, not_found: str, finished: str) -> Callable[[F], F]:
+    """The answers every route that changes one task can give: the task with its new ETag
+    (``done``), or 400, 401, 404 (``not_found``), 409 (``finished``) or 503."""
+
+    def decorator(func: F) -> F:
+        responds(200, done, Task, headers={"ETag": "The new version"})(func)
+        responds(*ERROR_RESPONSES[401])(func)
+        responds(400, "The task id is not valid (1 to 200 characters, no control characters).")(
+            func
+        )
+        responds(404, not_found)(func)
+        responds(409, finished)(func)
+        return responds(*ERROR_RESPONSES[503])(func)
+
+    return decorator
+
+
 def authenticated(scope: str | None = None) -> Callable[[F], F]:
     """Authenticate before anything else (so a bad token is 401 even with a bad body), then
     require ``scope`` if given (403). The principal is in ``g.principal``."""
@@ -284,14 +301,13 @@ async def get_task(task_id: str, query_args: TaskQuery) -> Response:
 
 
 @blueprint.patch("/api/v1/tasks/<path:task_id>")
-@responds(200, "The updated task.", Task, headers={"ETag": "The new version"})
-@responds(*ERROR_RESPONSES[401])
+@task_change_responses(
+    "The updated task.",
+    not_found="No such task.",
+    finished="The task is finished (`success`, `failed` or `cancelled`) and cannot change.",
+)
 @responds(403, "The token lacks scope `tasks:write`.")
-@responds(400, "The task id is not valid (1 to 200 characters, no control characters).")
-@responds(404, "No such task.")
-@responds(409, "The task is finished (`success`, `failed` or `cancelled`) and cannot change.")
 @responds(*ERROR_RESPONSES[422])
-@responds(*ERROR_RESPONSES[503])
 @authenticated(scope=SCOPE_WRITE)
 @json_body(TaskPatch)
 async def update_task(task_id: str, data: TaskPatch) -> Response:
@@ -309,12 +325,11 @@ async def update_task(task_id: str, data: TaskPatch) -> Response:
 
 
 @blueprint.post("/api/v1/tasks/<path:task_id>/cancel")
-@responds(200, "The cancelled task.", Task, headers={"ETag": "The new version"})
-@responds(*ERROR_RESPONSES[401])
-@responds(400, "The task id is not valid (1 to 200 characters, no control characters).")
-@responds(404, "No such task, or not yours.")
-@responds(409, "The task is already finished.")
-@responds(*ERROR_RESPONSES[503])
+@task_change_responses(
+    "The cancelled task.",
+    not_found="No such task, or not yours.",
+    finished="The task is already finished.",
+)
 @authenticated()
 async def cancel_task(task_id: str) -> Response:
     """Cancel one of your tasks that has not finished.

@@ -5,7 +5,7 @@ hygiene need three things Hypercorn does not expose:
 
 1. **The connection behind an ASGI ``send``** (:func:`resolve`): the send-timeout watchdog
    (:mod:`server.sendtimeout`) must abort a connection whose buffer never drains, and the direct
-   fan-out write (:mod:`server.stream.routes`) writes already-framed HTTP/1.1 chunks to the
+   fan-out write (:mod:`server.stream.session`) writes already-framed HTTP/1.1 chunks to the
    transport of a response whose body h11 frames with chunked encoding. Both walk the
    bound-method chain Hypercorn builds (HTTP stream -> protocol -> protocol wrapper -> TCP server
    -> writer -> transport), resolved once per request.

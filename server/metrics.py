@@ -130,7 +130,7 @@ class Tally:
         self._bounds = PUSH_LATENCY._upper_bounds  # ends with +Inf
         self.push_counts = [0] * len(self._bounds)
         self.push_sum = 0.0
-        # Progress events written straight to the socket (server/stream/routes.py, _direct_write);
+        # Progress events written straight to the socket (server/stream/session.py, direct_write);
         # cumulative, not exported: tests read it to prove the direct path is taken.
         self.direct_writes = 0
 

@@ -76,7 +76,7 @@ class SendTimeoutMiddleware:
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = loop.create_task(self._watch(), name="taskstream-send-watchdog")
         # Resolved once per request, for the abort below and the stream's direct fan-out write
-        # (server/stream/routes.py).
+        # (server/stream/session.py).
         connection = hypercorn_internals.resolve(send)
         entry = _Sending(connection)
         scope[CONNECTION] = connection

@@ -1,4 +1,4 @@
-"""The direct fan-out write (server/stream/routes.py, _direct_write; server/hypercorn_internals.py).
+"""The direct fan-out write (server/stream/session.py, direct_write; server/hypercorn_internals.py).
 
 A single-task stream over HTTP/1.1 whose socket has drained gets each progress event written
 straight to its socket from the broker's dispatch. These tests prove the path is taken on the

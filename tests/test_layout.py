@@ -95,6 +95,7 @@ def test_the_streaming_core_imports_one_way() -> None:
         "server.stream.mailbox",
         "server.stream.encoder",
         "server.stream.routes",
+        "server.stream.session",
         "server.stream.snapshots",
         "server.stream.observe",
     }
@@ -105,6 +106,16 @@ def test_the_streaming_core_imports_one_way() -> None:
     assert inner["server.stream.registry"] == {"server.stream.mailbox"}
     for leaf in ("mailbox", "encoder", "snapshots", "observe"):
         assert inner[f"server.stream.{leaf}"] == set(), leaf
+    assert inner["server.stream.session"] == {
+        "server.stream",
+        "server.stream.encoder",
+        "server.stream.observe",
+        "server.stream.registry",
+    }
+    # Only the routes run a session.
+    assert {name for name, deps in graph.items() if "server.stream.session" in deps} == {
+        "server.stream.routes"
+    }
     # Nothing outside the routes and the app's wiring reaches into the routes.
     users = {name for name, deps in graph.items() if "server.stream.routes" in deps}
     assert users == {"server.app"}

@@ -54,8 +54,10 @@ def test_log_level_comes_from_the_setting() -> None:
         assert root.level == logging.WARNING
         buf = io.StringIO()
         root.handlers[0].setStream(buf)  # type: ignore[attr-defined]
-        logging.getLogger("server.streams").info("not shown")
-        logging.getLogger("server.broker").warning("shown", extra={"event": "listener_lost"})
+        logging.getLogger("server.stream.routes").info("not shown")
+        logging.getLogger("server.stream.listener").warning(
+            "shown", extra={"event": "listener_lost"}
+        )
         lines = [json.loads(x) for x in buf.getvalue().splitlines()]
         assert [x["msg"] for x in lines] == ["shown"]
     finally:

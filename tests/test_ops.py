@@ -121,7 +121,7 @@ async def test_conflated_states_are_counted(
 ) -> None:
     await create_task(sql, "t1")
     # A multi-task stream: a single-task stream whose socket has drained writes each state on the
-    # spot (server/stream/routes.py, _direct_write) and conflates only for a slow client.
+    # spot (server/stream/session.py, direct_write) and conflates only for a slow client.
     url = f"{server.url}/api/v1/sse/tasks?ids=t1"
     async with open_stream(client, url, token=server.token()) as s:
         await s.next()
@@ -317,10 +317,10 @@ def test_a_coalesced_write_is_counted_event_by_event() -> None:
     # The kinds and the close reason are recorded where the events are made, never parsed back
     # out of the bytes written (rewording a message cannot change a metric label).
     from server.stream.observe import CloseReason
-    from server.stream.routes import _Stream
+    from server.stream.session import StreamSession
     from server.tasks import TaskState
 
-    stream = _Stream(None, None, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
+    stream = StreamSession(None, None, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
     stream.resume_id = lambda: None  # type: ignore[method-assign]
     state = TaskState(id="t1", owner_id="alice", version=2, state="success")
     chunk = b"".join(stream.finish(state))

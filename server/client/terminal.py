@@ -14,6 +14,9 @@ change. Exit codes: 0 done; 1 refused because of the task (the id exists, no suc
 finished); 2 invalid input or any other error. The validation rules and the database writes are
 the server's, handed in as a :class:`~server.client.local.LocalTasks` (``server.localtasks``), so
 this module imports no server module; ``watch`` needs the ``client`` extra (httpx-sse).
+
+This module holds the commands and their arguments; the SSE loop is :mod:`server.client.watch`,
+the progress bar and ETA :mod:`server.client.display`.
 """
 
 from __future__ import annotations
@@ -22,297 +25,38 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from server.client.display import (
+    TERMINAL_STATES,
+    Display,
+    clean,
+    format_eta,
+    progress_line,
+    render_bar,
+)
 from server.client.local import DatabaseUnreachable, InvalidInput, LocalTasks, TaskRefused
+from server.client.watch import (
+    EXIT_ERROR,
+    EXIT_FAILED,
+    EXIT_SUCCESS,
+    TokenSource,
+    error_text,
+    token_file,
+    watch,
+)
 
-__all__ = ["TERMINAL_STATES", "add_commands", "format_eta", "render_bar"]
+__all__ = ["TERMINAL_STATES", "add_commands", "format_eta", "progress_line", "render_bar"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-EXIT_SUCCESS, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
-# Consecutive failed (re)connections before watch gives up.
-MAX_RECONNECTS = 5
-# No byte for this long (heartbeats come every 15 s by default) means the connection is dead.
-READ_TIMEOUT = 60.0
-
-# The server's terminal states (server.tasks.TERMINAL_STATES), copied so that the client imports
-# no server module; tests/test_client_package.py proves the two agree.
-TERMINAL_STATES = frozenset({"success", "failed", "cancelled"})
 # The extra that brings what the watch command needs beyond the server's dependencies.
 CLIENT_EXTRA_HINT = "install taskstream[client] (pip install 'taskstream[client]')"
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _clean(text: Any) -> str:
-    """Make server-provided text safe to print: no escape sequences into the terminal."""
-    return _CONTROL.sub("?", str(text))
-
-
-def format_eta(seconds: int | None) -> str:
-    if seconds is None:
-        return "--"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def render_bar(progress: float, width: int = 30) -> str:
-    progress = min(100.0, max(0.0, float(progress)))
-    filled = int(round(width * progress / 100))
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
-def progress_line(data: dict[str, Any]) -> str:
-    progress = float(data.get("progress") or 0.0)
-    state = data.get("state", "?")
-    line = f"{render_bar(progress)} {progress:5.1f}%  {_clean(state)}"
-    # A finished task has no time left: no "ETA", even from a server that sends the writer's
-    # last estimate with the final state.
-    if state in TERMINAL_STATES:
-        return line
-    return f"{line}  ETA {format_eta(data.get('estimated_time'))}"
-
-
-@dataclass
-class Display:
-    """The live bar: redrawn in place on a terminal, one line per change otherwise."""
-
-    out: TextIO
-    tty: bool
-    drawn: bool = False
-
-    def show(self, data: dict[str, Any]) -> None:
-        line = progress_line(data)
-        if self.tty:
-            self.out.write("\r\x1b[K" + line)
-            self.drawn = True
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.drawn:
-            self.out.write("\n")
-            self.out.flush()
-            self.drawn = False
-
-
-@dataclass
-class Outcome:
-    code: int
-    reason: str
-
-
-@dataclass
-class _WatchState:
-    last_id: str | None = None
-    retry_ms: int = 3000
-    failures: int = 0
-    news: bool = False
-    connected: bool = False
-    last: dict[str, Any] = field(default_factory=dict)
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.reason_phrase or "error"
-    if isinstance(body, dict) and "error" in body:
-        detail = body.get("detail")
-        text = str(body["error"])
-        if detail is not None:
-            text += f" ({detail if isinstance(detail, str) else json.dumps(detail)})"
-        return text
-    return response.reason_phrase or "error"
-
-
-def _retry_after(response: httpx.Response, default: float) -> float:
-    try:
-        return max(0.0, float(response.headers.get("Retry-After", "")))
-    except ValueError:
-        return default
-
-
-TokenSource = Callable[[], str]
-
-
-def token_file(path: str) -> TokenSource:
-    """A token source that reads ``path`` anew before each connection, so whatever renews the
-    token (a sidecar, a cron job, ``taskstream token > file``) is picked up without a restart."""
-
-    def read() -> str:
-        try:
-            with open(path, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise TokenUnavailable(f"cannot read the token file {path}: {exc.strerror}") from None
-        if not token:
-            raise TokenUnavailable(f"the token file {path} is empty")
-        return token
-
-    return read
-
-
-class TokenUnavailable(Exception):
-    """The token source cannot give a token (the file is missing or empty)."""
-
-
-async def watch(
-    url: str,
-    token: str | TokenSource,
-    task_id: str,
-    display: Display,
-    *,
-    give_up_after: float | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> Outcome:
-    """Follow one task's stream until it ends; the outcome says how (and which exit code)."""
-    try:
-        async with asyncio.timeout(give_up_after):
-            return await _watch(url, token, task_id, display, transport)
-    except TimeoutError:
-        return Outcome(EXIT_ERROR, f"timeout: no final state within {give_up_after:g} s")
-
-
-async def _watch(
-    url: str,
-    token: str | TokenSource,
-    task_id: str,
-    display: Display,
-    transport: httpx.AsyncBaseTransport | None,
-) -> Outcome:
-    from httpx_sse import SSEError, aconnect_sse
-
-    # A fixed token that expires ends the watch; a source that is read again gets another chance.
-    renewable = callable(token)
-
-    stream_url = f"{url.rstrip('/')}/api/v1/sse/tasks/{quote(task_id, safe='')}/progress"
-    st = _WatchState()
-    limits = httpx.Timeout(10.0, read=READ_TIMEOUT)
-    async with httpx.AsyncClient(timeout=limits, transport=transport) as client:
-        while True:
-            renewed = False
-            try:
-                current = token() if callable(token) else token
-            except TokenUnavailable as exc:
-                return Outcome(EXIT_ERROR, f"error: {exc}")
-            headers = {"Authorization": f"Bearer {current}"}
-            if st.last_id is not None:
-                headers["Last-Event-ID"] = st.last_id
-            delay = st.retry_ms / 1000
-            try:
-                async with aconnect_sse(client, "GET", stream_url, headers=headers) as source:
-                    response = source.response
-                    if response.status_code == 204:
-                        # The server says there is nothing more: we already saw the end.
-                        return _final(st)
-                    if response.status_code != 200:
-                        await response.aread()
-                        if response.status_code in (429, 503) and st.failures < MAX_RECONNECTS:
-                            st.failures += 1
-                            await asyncio.sleep(_retry_after(response, delay))
-                            continue
-                        return Outcome(
-                            EXIT_ERROR,
-                            f"error: HTTP {response.status_code}: {_clean(_error_text(response))}",
-                        )
-                    st.connected = True
-                    st.news = False
-                    async for event in source.aiter_sse():
-                        if event.retry is not None:
-                            st.retry_ms = event.retry
-                        if event.id:
-                            st.last_id = event.id
-                        outcome = _handle(event.event, event.data, st, display)
-                        if outcome is not None and renewable and _token_expired(event.data):
-                            # The server ended the stream at the token's expiry: read the
-                            # source again and resume from the last version.
-                            st.news = renewed = True
-                            break
-                        if outcome is not None:
-                            return outcome
-                    if not st.news:
-                        # Closed with no news: count it, so a server that keeps hanging up
-                        # ends the watch instead of looping forever.
-                        st.failures += 1
-                        if st.failures > MAX_RECONNECTS:
-                            return Outcome(EXIT_ERROR, "error: the server keeps closing the stream")
-            except SSEError:
-                return Outcome(EXIT_ERROR, f"error: {url} did not answer with an event stream")
-            except httpx.TransportError as exc:
-                st.failures += 1
-                # Never connected at all: a wrong URL or a server that is not up; say so now.
-                if st.failures > MAX_RECONNECTS or not st.connected:
-                    return Outcome(
-                        EXIT_ERROR,
-                        f"error: cannot reach {url}: {_clean(exc) or type(exc).__name__}",
-                    )
-            # The stream ended without a final event (server restart, proxy, network): resume
-            # after the server's retry delay. A renewed token resumes at once.
-            if not renewed:
-                await asyncio.sleep(st.retry_ms / 1000)
-
-
-def _token_expired(raw: str) -> bool:
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("error") == "Token expired"
-
-
-def _final(st: _WatchState) -> Outcome:
-    state = st.last.get("state")
-    if state == "success":
-        return Outcome(EXIT_SUCCESS, "success")
-    if state in ("failed", "cancelled"):
-        return Outcome(EXIT_FAILED, f"{state}")
-    return Outcome(EXIT_ERROR, "error: the server ended the stream")
-
-
-def _handle(kind: str, raw: str, st: _WatchState, display: Display) -> Outcome | None:
-    if kind == "message" and raw == "":
-        return None  # a block with only `retry:`; not an event
-    try:
-        data = json.loads(raw) if raw else {}
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    if kind == "progress":
-        st.failures = 0
-        st.news = True
-        st.last = data
-        display.show(data)
-        return None
-    if kind == "complete":
-        state = data.get("state")
-        if state == "success":
-            return Outcome(EXIT_SUCCESS, "success")
-        if state == "failed":
-            return Outcome(EXIT_FAILED, f"failed: {_clean(data.get('error') or 'no error given')}")
-        if state == "cancelled":
-            return Outcome(EXIT_FAILED, "cancelled")
-        return Outcome(EXIT_ERROR, f"error: unknown final state {_clean(state)}")
-    if kind == "error":
-        return Outcome(EXIT_ERROR, f"error: {_clean(data.get('error', 'stream error'))}")
-    if kind == "timeout":
-        return Outcome(EXIT_ERROR, f"timeout: {_clean(data.get('message', 'Stream timeout'))}")
-    return None
-
 
 # -- create / update -------------------------------------------------------------------------
 
@@ -330,6 +74,14 @@ def _url(args: argparse.Namespace) -> str:
 
 def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("TASKSTREAM_TOKEN") or None
+
+
+def _api_token(args: argparse.Namespace) -> str:
+    """The token for an API call; without one, create and update cannot use the API."""
+    token = _token(args)
+    if token is None:
+        raise CommandError(EXIT_ERROR, "error: no token (--token or TASKSTREAM_TOKEN)")
+    return token
 
 
 def _use_api(args: argparse.Namespace) -> bool:
@@ -363,64 +115,54 @@ async def _api_call(
                 method, url, json=body, headers={"Authorization": f"Bearer {token}"}
             )
     except httpx.TransportError as exc:
-        raise CommandError(EXIT_ERROR, f"error: cannot reach {url}: {_clean(exc)}") from None
+        raise CommandError(EXIT_ERROR, f"error: cannot reach {url}: {clean(exc)}") from None
     if response.status_code in (200, 201):
         result: dict[str, Any] = response.json()
         return result
     code = EXIT_FAILED if response.status_code in (404, 409) else EXIT_ERROR
-    reason = f"HTTP {response.status_code}: {_clean(_error_text(response))}"
+    reason = f"HTTP {response.status_code}: {clean(error_text(response))}"
     raise CommandError(code, reason)
 
 
+def _given(args: argparse.Namespace, **options: str) -> dict[str, Any]:
+    """The options given on the command line, keyed by the API field each one sets
+    (``field="option"``); an option left out sends nothing."""
+    return {
+        name: getattr(args, option)
+        for name, option in options.items()
+        if getattr(args, option) is not None
+    }
+
+
 async def _create(args: argparse.Namespace, local: Callable[[], LocalTasks]) -> str:
-    fields: dict[str, Any] = {}
-    if args.id is not None:
-        fields["id"] = args.id
-    if args.owner is not None:
-        fields["owner_id"] = args.owner
-    if args.state is not None:
-        fields["state"] = args.state
-    if args.eta is not None:
-        fields["estimated_time"] = args.eta
+    fields = _given(args, id="id", owner_id="owner", state="state", estimated_time="eta")
     tasks = local()
     _validated(tasks.check_create, fields)
     if _use_api(args):
-        token = _token(args)
-        if token is None:
-            raise CommandError(EXIT_ERROR, "error: no token (--token or TASKSTREAM_TOKEN)")
-        task = await _api_call("POST", f"{_url(args)}/api/v1/tasks", token, fields)
+        task = await _api_call("POST", f"{_url(args)}/api/v1/tasks", _api_token(args), fields)
         return str(task["task_id"])
     if fields.get("owner_id") is None:
         raise CommandError(EXIT_ERROR, "error: --owner is required when writing the database")
     try:
         return await tasks.create(fields)
     except TaskRefused as exc:
-        raise CommandError(EXIT_FAILED, _clean(exc)) from None
+        raise CommandError(EXIT_FAILED, clean(exc)) from None
 
 
 async def _update(args: argparse.Namespace, local: Callable[[], LocalTasks]) -> str:
-    fields: dict[str, Any] = {}
-    if args.state is not None:
-        fields["state"] = args.state
-    if args.progress is not None:
-        fields["progress"] = args.progress
-    if args.eta is not None:
-        fields["estimated_time"] = None if args.eta == "auto" else args.eta
-    if args.error is not None:
-        fields["error"] = args.error
+    fields = _given(args, state="state", progress="progress", estimated_time="eta", error="error")
+    if fields.get("estimated_time") == "auto":
+        fields["estimated_time"] = None  # the server derives it
     tasks = local()
     _validated(tasks.check_update, fields)
     if _use_api(args):
-        token = _token(args)
-        if token is None:
-            raise CommandError(EXIT_ERROR, "error: no token (--token or TASKSTREAM_TOKEN)")
         task_url = f"{_url(args)}/api/v1/tasks/{quote(args.task_id, safe='')}"
-        task = await _api_call("PATCH", task_url, token, fields)
+        task = await _api_call("PATCH", task_url, _api_token(args), fields)
         return json.dumps(task)
     try:
         return json.dumps(await tasks.update(args.task_id, fields))
     except TaskRefused as exc:
-        raise CommandError(EXIT_FAILED, _clean(exc)) from None
+        raise CommandError(EXIT_FAILED, clean(exc)) from None
 
 
 def _run_command(coro_factory: Callable[[], Any]) -> int:

@@ -56,7 +56,7 @@ class Subscription:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         # Set by a stream that can write an event to its socket on the spot (see
-        # server/stream/routes.py, _direct_write): called only while the stream is parked in
+        # server/stream/session.py, direct_write): called only while the stream is parked in
         # wait() with nothing pending, so it never overtakes a state the stream still has to
         # write. Returns False to decline (terminal state, socket not drained...): the mailbox
         # path then takes the state as usual.

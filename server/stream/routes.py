@@ -7,23 +7,18 @@
 
 Order matters for correctness: subscribe first, then read the rows, so a change committed between
 the two is in the mailbox rather than lost; versions at or below the last one sent are dropped.
+Once a stream opens, :mod:`server.stream.session` runs it to its close.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
 from quart import Blueprint, Response, request
 
 from server import db, metrics
-from server.auth import Principal
 from server.http import authenticate, json_error, runtime, unavailable
-from server.hypercorn_internals import Connection, progress_chunk
 from server.openapi import (
     SSE_AUTH,
     SSE_PARAMETERS,
@@ -40,8 +35,9 @@ from server.schemas import MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
 from server.sendtimeout import connection_of
 from server.stream import encoder
 from server.stream.encoder import END_OF_STREAM_ID
-from server.stream.observe import CloseReason, Ending, observe_push, observed
-from server.stream.registry import Lease, StreamLimitExceeded
+from server.stream.observe import CloseReason, Ending, observed
+from server.stream.registry import StreamLimitExceeded
+from server.stream.session import StreamSession, run, single_event
 from server.tasks import MAX_TASKS_PER_STREAM, TaskState, validate_task_id
 
 __all__ = ["blueprint"]
@@ -111,72 +107,6 @@ def _too_many(exc: StreamLimitExceeded) -> Response:
     return json_error(429, "Too many open streams", exc.scope, Retry_After="5")
 
 
-@dataclass
-class _Stream:
-    """What one open stream needs to remember between events."""
-
-    rt: Runtime
-    lease: Lease
-    principal: Principal
-    # Tasks still open on this stream; the stream ends when this empties (unless owner-wide).
-    open_ids: set[str]
-    multi: bool = False
-    owner_wide: bool = False
-    # Order of ``ids`` for the multi-task resume id (a positional list of versions).
-    order: list[str] = field(default_factory=list)
-    # Leading events (snapshots) computed by the view before the response started.
-    preamble: list[bytes] = field(default_factory=list)
-    # Kinds of the events made by finish() and not yet counted as sent (counted after the write).
-    kinds: list[str] = field(default_factory=list)
-    # The connection behind this request, for the direct write (see _direct_write).
-    connection: Connection | None = None
-    # Why the stream ended, set where it ends (read by observed()).
-    ending: Ending = field(default_factory=Ending)
-
-    def resume_id(self) -> str | None:
-        if not self.multi or self.owner_wide:
-            return None
-        sub = self.lease.sub
-        assert sub is not None
-        return ".".join(str(sub.sent_version(tid)) for tid in self.order)
-
-    def progress(self, state: TaskState) -> bytes:
-        if not self.multi:
-            return encoder.progress_event(state)
-        return encoder.multi_progress_event(state, self.resume_id())
-
-    def finish(self, state: TaskState) -> list[bytes]:
-        """Events for a state; marks the task closed when it is terminal or gone."""
-        if state.deleted:
-            self.open_ids.discard(state.id)
-            self.kinds.append("error")
-            self.ending.reason = CloseReason.NOT_FOUND
-            if self.multi:
-                return [encoder.not_found_event(state.id, event_id=self.resume_id())]
-            return [encoder.not_found_event(event_id=END_OF_STREAM_ID)]
-        out = [self.progress(state)]
-        self.kinds.append("progress")
-        if state.terminal:
-            self.open_ids.discard(state.id)
-            out.append(encoder.complete_event(state, with_task_id=self.multi))
-            self.kinds.append("complete")
-            self.ending.reason = CloseReason.COMPLETE
-        return out
-
-    def count_sent(self, extra: str | None = None) -> None:
-        """Count what was just written: the events finish() made, and one ``extra`` kind."""
-        tally = metrics.TALLY
-        for kind in self.kinds:
-            tally.count_sent(kind)
-        self.kinds.clear()
-        if extra is not None:
-            tally.count_sent(extra)
-
-    @property
-    def done(self) -> bool:
-        return not self.open_ids and not self.owner_wide
-
-
 @blueprint.get("/api/v1/sse/tasks/<path:task_id>/progress")
 @summarize(
     "Stream one task's progress (Server-Sent Events).",
@@ -210,14 +140,14 @@ async def task_progress(task_id: str) -> Response:
             snapshot = await rt.snapshots.get(task_id)
             if snapshot is None or snapshot.owner_id != principal.user_id:
                 return _stream_response(
-                    _single(encoder.not_found_event(event_id=END_OF_STREAM_ID), "error"),
+                    single_event(encoder.not_found_event(event_id=END_OF_STREAM_ID), "error"),
                     Ending(CloseReason.NOT_FOUND),
                 )
             seen = _parse_version(last_id)
             if snapshot.terminal and seen is not None and seen >= snapshot.version:
                 # The client saw the final state: 204 ends EventSource's reconnect loop.
                 return _no_content()
-            stream = _Stream(
+            stream = StreamSession(
                 rt, lease, principal, open_ids={task_id}, connection=connection_of(request.scope)
             )
             sub.mark_sent(snapshot)
@@ -225,7 +155,7 @@ async def task_progress(task_id: str) -> Response:
                 stream.preamble = stream.finish(snapshot)
             # else: resumed and nothing moved since: send nothing until something does.
             lease.keep()
-            return _stream_response(_run(stream), stream.ending)
+            return _stream_response(run(stream), stream.ending)
     except StreamLimitExceeded as exc:
         return _too_many(exc)
 
@@ -291,7 +221,7 @@ async def tasks_stream() -> Response:
                 rows = await db.fetch_tasks(rt.pool, ids)
             order = ids if not owner_wide else list(rows)
             seen = _parse_positional(_last_event_id(), order) if not owner_wide else None
-            stream = _Stream(
+            stream = StreamSession(
                 rt,
                 lease,
                 principal,
@@ -320,7 +250,7 @@ async def tasks_stream() -> Response:
             for state in snapshots:
                 stream.preamble.extend(stream.finish(state))
             lease.keep()
-            return _stream_response(_run(stream), stream.ending)
+            return _stream_response(run(stream), stream.ending)
     except StreamLimitExceeded as exc:
         return _too_many(exc)
 
@@ -337,107 +267,3 @@ def _parse_positional(raw: str | None, order: list[str]) -> dict[str, int] | Non
     ):
         return None
     return {tid: int(p) for tid, p in zip(order, parts, strict=True)}
-
-
-async def _single(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
-    yield chunk
-    metrics.TALLY.count_sent(kind)
-
-
-def _direct_write(
-    stream: _Stream, transport: asyncio.WriteTransport
-) -> Callable[[TaskState], bool]:
-    """Write a single-task stream's ``progress`` events to its socket from the registry's dispatch.
-
-    The ordinary path wakes the stream's task, which hands the event to Quart, Hypercorn and h11
-    before it reaches the socket. With one update watched by thousands of streams that path was
-    most of the CPU per watcher beyond the ``send()`` system call itself (bench fan-out profile).
-    Here the event, already framed as an HTTP/1.1 chunk once per state, is written on the spot.
-
-    The mailbox calls this only while the stream is parked in ``wait()`` with nothing pending, so
-    nothing the stream still has to write can be overtaken. It declines (returns False, and the
-    mailbox path takes over with its conflation and the send timeout) for terminal states and
-    deletions, which end the stream, and whenever the socket has not drained what it was given:
-    a slow client never gets more than the kernel accepts. It never sees another owner's state:
-    :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
-    """
-    sub = stream.lease.sub
-    assert sub is not None
-    open_ids = stream.open_ids
-    tally = metrics.TALLY
-    progress_event = encoder.progress_event
-
-    def write(state: TaskState) -> bool:
-        if state.terminal or state.deleted or state.id not in open_ids:
-            return False
-        if transport.is_closing() or transport.get_write_buffer_size():
-            return False
-        transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
-        sub.mark_sent(state)
-        tally.count_sent("progress")
-        tally.direct_writes += 1
-        observe_push((state,))
-        return True
-
-    return write
-
-
-async def _run(stream: _Stream) -> AsyncIterator[bytes]:
-    # Runs after the view returned, outside the request context: everything comes in `stream`.
-    # The lease was kept for this body: entering it again makes its end the release.
-    async with stream.lease as sub:
-        rt = stream.rt
-        settings = rt.settings
-        ending = stream.ending
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = now + settings.stream_timeout
-        # The token's own end, mapped onto the loop clock (leeway as accepted at verification).
-        token_deadline = now + (stream.principal.expires_at + rt.verifier.leeway - time.time())
-        # Streams opened together (a reconnect storm) would otherwise beat in lockstep.
-        next_beat = now + settings.heartbeat * random.uniform(0.5, 1.0)
-        # Everything ready at once goes out as one write: each write costs a trip through
-        # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
-        yield b"".join([encoder.retry_field(settings.retry_ms), *stream.preamble])
-        stream.count_sent("retry")
-        # The response has started: from now on, progress may go straight to the socket.
-        if stream.connection is not None and not stream.multi and not stream.owner_wide:
-            transport = stream.connection.chunked_transport()
-            if transport is not None:
-                sub.attach_direct(_direct_write(stream, transport))
-        while not stream.done:
-            if sub.pending:
-                chunks: list[bytes] = []
-                pushed: list[TaskState] = []
-                for state in sub.take():
-                    if state.id in stream.open_ids or stream.owner_wide:
-                        chunks.extend(stream.finish(state))
-                        pushed.append(state)
-                if chunks:
-                    yield b"".join(chunks) if len(chunks) > 1 else chunks[0]
-                    stream.count_sent()
-                    observe_push(pushed)  # after the write: commit -> socket
-                continue
-            if sub.closing is not None:
-                yield encoder.retry_field(settings.retry_ms)
-                stream.count_sent("retry")
-                ending.reason = CloseReason.SHUTDOWN
-                return
-            now = loop.time()
-            if now >= token_deadline:
-                yield encoder.token_expired_event()
-                stream.count_sent("error")
-                ending.reason = CloseReason.TOKEN_EXPIRED
-                return
-            if now >= deadline:
-                yield encoder.timeout_event()
-                stream.count_sent("timeout")
-                ending.reason = CloseReason.TIMEOUT
-                return
-            if now >= next_beat:
-                yield encoder.HEARTBEAT
-                stream.count_sent("heartbeat")
-                next_beat = now + settings.heartbeat
-                continue
-            # No await since the check of sub.pending above, so no offer can be missed.
-            await sub.wait(min(deadline, next_beat, token_deadline))

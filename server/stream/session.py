@@ -1,0 +1,197 @@
+"""One open SSE stream, from its first write to its close: what it remembers between events
+(:class:`StreamSession`), the loop that writes them (:func:`run`), and the direct write of a
+single-task stream's progress straight to its socket (:func:`direct_write`).
+
+:mod:`server.stream.routes` decides whether a stream opens and what it starts with, then hands
+the session to :func:`run` as the response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from server import metrics
+from server.auth import Principal
+from server.hypercorn_internals import Connection, progress_chunk
+from server.runtime import Runtime
+from server.stream import encoder
+from server.stream.encoder import END_OF_STREAM_ID
+from server.stream.observe import CloseReason, Ending, observe_push
+from server.stream.registry import Lease
+from server.tasks import TaskState
+
+__all__ = ["StreamSession", "direct_write", "run", "single_event"]
+
+
+@dataclass
+class StreamSession:
+    """What one open stream needs to remember between events."""
+
+    rt: Runtime
+    lease: Lease
+    principal: Principal
+    # Tasks still open on this stream; the stream ends when this empties (unless owner-wide).
+    open_ids: set[str]
+    multi: bool = False
+    owner_wide: bool = False
+    # Order of ``ids`` for the multi-task resume id (a positional list of versions).
+    order: list[str] = field(default_factory=list)
+    # Leading events (snapshots) computed by the view before the response started.
+    preamble: list[bytes] = field(default_factory=list)
+    # Kinds of the events made by finish() and not yet counted as sent (counted after the write).
+    kinds: list[str] = field(default_factory=list)
+    # The connection behind this request, for the direct write (see direct_write).
+    connection: Connection | None = None
+    # Why the stream ended, set where it ends (read by observed()).
+    ending: Ending = field(default_factory=Ending)
+
+    def resume_id(self) -> str | None:
+        if not self.multi or self.owner_wide:
+            return None
+        sub = self.lease.sub
+        assert sub is not None
+        return ".".join(str(sub.sent_version(tid)) for tid in self.order)
+
+    def progress(self, state: TaskState) -> bytes:
+        if not self.multi:
+            return encoder.progress_event(state)
+        return encoder.multi_progress_event(state, self.resume_id())
+
+    def finish(self, state: TaskState) -> list[bytes]:
+        """Events for a state; marks the task closed when it is terminal or gone."""
+        if state.deleted:
+            self.open_ids.discard(state.id)
+            self.kinds.append("error")
+            self.ending.reason = CloseReason.NOT_FOUND
+            if self.multi:
+                return [encoder.not_found_event(state.id, event_id=self.resume_id())]
+            return [encoder.not_found_event(event_id=END_OF_STREAM_ID)]
+        out = [self.progress(state)]
+        self.kinds.append("progress")
+        if state.terminal:
+            self.open_ids.discard(state.id)
+            out.append(encoder.complete_event(state, with_task_id=self.multi))
+            self.kinds.append("complete")
+            self.ending.reason = CloseReason.COMPLETE
+        return out
+
+    def count_sent(self, extra: str | None = None) -> None:
+        """Count what was just written: the events finish() made, and one ``extra`` kind."""
+        tally = metrics.TALLY
+        for kind in self.kinds:
+            tally.count_sent(kind)
+        self.kinds.clear()
+        if extra is not None:
+            tally.count_sent(extra)
+
+    @property
+    def done(self) -> bool:
+        return not self.open_ids and not self.owner_wide
+
+
+async def single_event(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
+    yield chunk
+    metrics.TALLY.count_sent(kind)
+
+
+def direct_write(
+    stream: StreamSession, transport: asyncio.WriteTransport
+) -> Callable[[TaskState], bool]:
+    """Write a single-task stream's ``progress`` events to its socket from the registry's dispatch.
+
+    The ordinary path wakes the stream's task, which hands the event to Quart, Hypercorn and h11
+    before it reaches the socket. With one update watched by thousands of streams that path was
+    most of the CPU per watcher beyond the ``send()`` system call itself (bench fan-out profile).
+    Here the event, already framed as an HTTP/1.1 chunk once per state, is written on the spot.
+
+    The mailbox calls this only while the stream is parked in ``wait()`` with nothing pending, so
+    nothing the stream still has to write can be overtaken. It declines (returns False, and the
+    mailbox path takes over with its conflation and the send timeout) for terminal states and
+    deletions, which end the stream, and whenever the socket has not drained what it was given:
+    a slow client never gets more than the kernel accepts. It never sees another owner's state:
+    :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
+    """
+    sub = stream.lease.sub
+    assert sub is not None
+    open_ids = stream.open_ids
+    tally = metrics.TALLY
+    progress_event = encoder.progress_event
+
+    def write(state: TaskState) -> bool:
+        if state.terminal or state.deleted or state.id not in open_ids:
+            return False
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
+        sub.mark_sent(state)
+        tally.count_sent("progress")
+        tally.direct_writes += 1
+        observe_push((state,))
+        return True
+
+    return write
+
+
+async def run(stream: StreamSession) -> AsyncIterator[bytes]:
+    # Runs after the view returned, outside the request context: everything comes in `stream`.
+    # The lease was kept for this body: entering it again makes its end the release.
+    async with stream.lease as sub:
+        rt = stream.rt
+        settings = rt.settings
+        ending = stream.ending
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + settings.stream_timeout
+        # The token's own end, mapped onto the loop clock (leeway as accepted at verification).
+        token_deadline = now + (stream.principal.expires_at + rt.verifier.leeway - time.time())
+        # Streams opened together (a reconnect storm) would otherwise beat in lockstep.
+        next_beat = now + settings.heartbeat * random.uniform(0.5, 1.0)
+        # Everything ready at once goes out as one write: each write costs a trip through
+        # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
+        yield b"".join([encoder.retry_field(settings.retry_ms), *stream.preamble])
+        stream.count_sent("retry")
+        # The response has started: from now on, progress may go straight to the socket.
+        if stream.connection is not None and not stream.multi and not stream.owner_wide:
+            transport = stream.connection.chunked_transport()
+            if transport is not None:
+                sub.attach_direct(direct_write(stream, transport))
+        while not stream.done:
+            if sub.pending:
+                chunks: list[bytes] = []
+                pushed: list[TaskState] = []
+                for state in sub.take():
+                    if state.id in stream.open_ids or stream.owner_wide:
+                        chunks.extend(stream.finish(state))
+                        pushed.append(state)
+                if chunks:
+                    yield b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                    stream.count_sent()
+                    observe_push(pushed)  # after the write: commit -> socket
+                continue
+            if sub.closing is not None:
+                yield encoder.retry_field(settings.retry_ms)
+                stream.count_sent("retry")
+                ending.reason = CloseReason.SHUTDOWN
+                return
+            now = loop.time()
+            if now >= token_deadline:
+                yield encoder.token_expired_event()
+                stream.count_sent("error")
+                ending.reason = CloseReason.TOKEN_EXPIRED
+                return
+            if now >= deadline:
+                yield encoder.timeout_event()
+                stream.count_sent("timeout")
+                ending.reason = CloseReason.TIMEOUT
+                return
+            if now >= next_beat:
+                yield encoder.HEARTBEAT
+                stream.count_sent("heartbeat")
+                next_beat = now + settings.heartbeat
+                continue
+            # No await since the check of sub.pending above, so no offer can be missed.
+            await sub.wait(min(deadline, next_beat, token_deadline))
