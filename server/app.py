@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         # Once per process: whether the server internals the streams use are as expected.
         hypercorn_internals.check()
         runtime.pool = await db.create_pool(runtime.dsn)
+        await runtime.writes.start()
         listener = PgListener(
             runtime.dsn,
             check_interval=settings.listener_check_interval,
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         try:
             await runtime.broker.start()
         except BaseException:
+            await runtime.writes.stop()
             await runtime.pool.close()
             await runtime.verifier.aclose()
             raise
@@ -156,6 +158,8 @@ def create_app(settings: Settings | None = None) -> Quart:
         runtime.background = []
         metrics.TALLY.flush()
         await send_timeout.close()
+        # Every queued write is committed (and answered) before the pool closes.
+        await runtime.writes.stop()
         await runtime.broker.stop()
         await runtime.pool.close()
         await runtime.verifier.aclose()
