@@ -142,7 +142,7 @@ class BulkPatch(BaseModel):
 
     updates: list[TaskUpdate] = Field(
         min_length=1,
-        description="The updates, 1 to `TASKSTREAM_BULK_MAX_ITEMS` (default 500) of them.",
+        description="The updates, 1 to `TASKSTREAM_BULK_MAX_ITEMS` (default 1000) of them.",
     )
 
 
