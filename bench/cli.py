@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.config import SCENARIOS, TARGETS, BenchConfig, smoke
+from bench.config import SCENARIOS, TARGETS, TASKSTREAM_ONLY, BenchConfig, smoke
 from bench.database import BenchDatabase
 from bench.loadgen import raise_nofile
 from bench.report import machine, plots, table, write_json
@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--max-rate-steps", type=_rates, help="comma-separated rates to try")
     r.add_argument("--max-rate-step-seconds", type=float)
+    r.add_argument("--update-rate-steps", type=_rates, help="update_rate: rates to try")
     r.add_argument("--fanout-interval", type=float, help="seconds between fan-out updates")
     r.add_argument("--connect-concurrency", type=int, help="connects in flight, all processes")
     r.add_argument(
@@ -107,6 +108,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         "max_rate_streams": "max_rate_streams",
         "max_rate_steps": "max_rate_steps",
         "max_rate_step_seconds": "max_rate_step_seconds",
+        "update_rate_steps": "update_rate_steps",
         "fanout_interval": "fanout_interval",
         "connect_concurrency": "connect_concurrency",
         "heartbeat": "heartbeat",
@@ -146,6 +148,8 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
         ctx = Context(cfg, db, secret, out)
         for scenario in cfg.scenarios:
             for target in cfg.targets:
+                if scenario in TASKSTREAM_ONLY and target != "taskstream":
+                    continue
                 logger.info("== %s / %s ==", scenario, target)
                 res = await run_scenario(ctx, scenario, target)
                 ctx.run_index += 1

@@ -6,12 +6,15 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["SCENARIOS", "TARGETS", "BenchConfig", "smoke"]
+__all__ = ["SCENARIOS", "TARGETS", "TASKSTREAM_ONLY", "BenchConfig", "smoke"]
 
-SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate")
+SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate", "update_rate")
+# Scenarios that compare ways of writing on taskstream alone (no polling counterpart).
+TASKSTREAM_ONLY = ("update_rate",)
 TARGETS = ("taskstream", "polling")
 
 DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)
+UPDATE_RATES = (1000, 2000, 5000, 10000, 15000, 20000, 25000, 30000, 40000)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class BenchConfig:
     max_rate_steps: tuple[float, ...] = DEFAULT_RATES
     max_rate_step_seconds: float = 5.0
     max_rate_p99_ms: float = 50.0
+    update_rate_steps: tuple[float, ...] = UPDATE_RATES
+    reporter_interval: float = 0.05
     writer_connections: int = 8
     synchronous_commit: str = "on"  # the writer's setting; "off" shortens the NOTIFY commit lock
     heartbeat: float = 15.0
@@ -64,5 +69,6 @@ def smoke(base: BenchConfig) -> BenchConfig:
         max_rate_streams=300,
         max_rate_steps=(200.0, 1000.0),
         max_rate_step_seconds=3.0,
+        update_rate_steps=(300.0,),
         smoke=True,
     )
