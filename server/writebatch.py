@@ -314,6 +314,9 @@ async def _apply(conn: asyncpg.Connection, batch: Sequence[_Write]) -> list[Outc
     outcomes: list[Outcome | None] = [None] * len(batch)
     async with conn.transaction():
         for indexes in _rounds(batch):
+            # Rows in id order: two processes' batches then lock shared rows in the same order
+            # and cannot deadlock on them (within a round; each round has one write per task).
+            indexes.sort(key=lambda i: batch[i].task_id)
             inserts = [i for i in indexes if batch[i].kind == "insert"]
             updates = [i for i in indexes if batch[i].kind == "update"]
             if inserts:
