@@ -14,6 +14,7 @@ TASKSTREAM_ONLY = ("update_rate",)
 TARGETS = ("taskstream", "polling")
 
 DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)
+UPDATE_MODE_NAMES = ("api_unbatched", "api_batched", "api_bulk", "reporter")
 UPDATE_RATES = (1000, 2000, 5000, 10000, 15000, 20000, 25000, 30000, 40000)
 
 
@@ -41,6 +42,7 @@ class BenchConfig:
     max_rate_step_seconds: float = 5.0
     max_rate_p99_ms: float = 50.0
     update_rate_steps: tuple[float, ...] = UPDATE_RATES
+    update_modes: tuple[str, ...] = UPDATE_MODE_NAMES
     reporter_interval: float = 0.05
     writer_connections: int = 8
     synchronous_commit: str = "on"  # the writer's setting; "off" shortens the NOTIFY commit lock

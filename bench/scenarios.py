@@ -580,6 +580,8 @@ async def update_rate(run: Run, res: RunResult) -> None:
     """Unbatched vs batched API writes vs the reporter, each at rising rates until p99
     commit-to-client latency passes the limit or the writer falls behind."""
     for mode, env, how in UPDATE_MODES:
+        if mode not in run.cfg.update_modes:
+            continue
         await _update_rate_mode(run.ctx, res, mode, env, how)
         run.ctx.run_index += 1
     res.metrics["delivered"] = int(sum(s["samples"] for s in res.steps if "samples" in s))
