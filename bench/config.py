@@ -72,5 +72,7 @@ def smoke(base: BenchConfig) -> BenchConfig:
         max_rate_steps=(200.0, 1000.0),
         max_rate_step_seconds=3.0,
         update_rate_steps=(300.0,),
+        # Enough to catch a lost terminal event or a crash on both batched paths.
+        update_modes=("api_batched", "reporter"),
         smoke=True,
     )
