@@ -69,7 +69,7 @@ async def _prepare_database(url: str) -> None:
     from server import db
     from server.stream.listener import PgListener
 
-    async def ignore_resync() -> None:
+    async def ignore_resync(*_args: object, **_kwargs: object) -> None:
         return None
 
     await db.migrate(url)  # logs each migration it applies
