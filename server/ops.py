@@ -6,8 +6,9 @@
 ``/healthz`` (in :mod:`server.app`) says the process is alive; ``/readyz`` says it can do its job:
 a load balancer or Kubernetes should send streams only to an instance whose database answers and
 whose LISTEN connection (in bus mode: its NATS connection) is up, because a stream opened
-elsewhere would get its snapshot and then nothing until the listener is back. It also says when the process is close to its
-file-descriptor limit (:mod:`server.descriptors`), where new connections are about to be refused.
+elsewhere would get its snapshot and then nothing until the listener is back. It also says when
+the process is close to its file-descriptor limit (:mod:`server.descriptors`), where new
+connections are about to be refused.
 """
 
 from __future__ import annotations
