@@ -18,7 +18,6 @@ import secrets
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path

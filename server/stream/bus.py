@@ -45,7 +45,7 @@ from server.stream.relay import RelayElection
 from server.stream.subjects import Subjects
 from server.tasks import TaskState
 
-__all__ = ["BusUnavailable", "NatsBus"]
+__all__ = ["BusUnavailable", "NatsBus", "check_reachable"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,37 @@ async def _no_resync(
 
 class BusUnavailable(ConnectionError):
     """No NATS server in ``TASKSTREAM_NATS_URL`` answered at start-up."""
+
+
+def _without_credentials(url: str) -> str:
+    """A URL fit for a log line: any user and password dropped."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme}{sep}{host.rsplit('@', 1)[-1]}{slash}{path}"
+
+
+async def check_reachable(servers: Sequence[str], connect_timeout: float = 2.0) -> None:
+    """Connect to NATS once and close, or raise :class:`BusUnavailable` (``taskstream serve``
+    calls it before starting workers, so a wrong URL is one clear line, not a traceback)."""
+
+    async def quiet(_exc: Exception) -> None:
+        return None
+
+    try:
+        nc = await nats.connect(
+            servers=list(servers),
+            connect_timeout=max(1, round(connect_timeout)),
+            allow_reconnect=True,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
+            error_cb=quiet,
+        )
+    except (NatsError, OSError, TimeoutError) as exc:
+        shown = ", ".join(_without_credentials(u) for u in servers)
+        raise BusUnavailable(
+            f"no NATS server answered at {shown} ({type(exc).__name__}); check TASKSTREAM_NATS_URL"
+        ) from None
+    await nc.close()
 
 
 def _server_label(client: NatsClient) -> str:
@@ -146,7 +177,9 @@ class NatsBus:
                 name=f"taskstream-{socket.gethostname()}-{os.getpid()}",
                 connect_timeout=max(1, round(self.connect_timeout)),
                 allow_reconnect=True,
-                max_reconnect_attempts=-1,
+                # Bounded at start-up (nats-py would retry forever and the server would hang
+                # instead of saying what is wrong); unbounded once connected, below.
+                max_reconnect_attempts=2,
                 reconnect_time_wait=1,
                 ping_interval=max(1, round(self.check_interval)),
                 max_outstanding_pings=2,
@@ -156,11 +189,13 @@ class NatsBus:
                 closed_cb=self._on_closed,
             )
         except (NatsError, OSError, TimeoutError) as exc:
+            shown = ", ".join(_without_credentials(u) for u in self.servers)
             raise BusUnavailable(
-                f"no NATS server answered at {', '.join(self.servers)} "
+                f"no NATS server answered at {shown} "
                 f"({type(exc).__name__}); check TASKSTREAM_NATS_URL"
             ) from None
         nc = self._nc
+        nc.options["max_reconnect_attempts"] = -1  # from now on, never give up on NATS
         await nc.subscribe(self.subjects.control, cb=self._on_control)
         await nc.flush(timeout=max(1, round(self.connect_timeout)))
         self._set_server()
