@@ -105,6 +105,9 @@ class NatsBus:
     """
 
     connect_timeout = 2.0
+    # Messages one subject may have waiting in this process before NATS counts it a slow
+    # consumer and drops (nats-py's default; tests lower it to provoke a drop).
+    pending_msgs_limit = 512 * 1024
 
     def __init__(
         self,
@@ -261,7 +264,9 @@ class NatsBus:
                     await self._subs.pop(subject).unsubscribe()
                 for subject, what in list(self._want.items()):
                     if subject not in self._subs:
-                        self._subs[subject] = await nc.subscribe(subject, cb=self._on_msg)
+                        self._subs[subject] = await nc.subscribe(
+                            subject, cb=self._on_msg, pending_msgs_limit=self.pending_msgs_limit
+                        )
                         added.append(what)
                 metrics.BUS_SUBJECTS.set(len(self._subs))
                 if added and nc.is_connected:
