@@ -214,10 +214,21 @@ async def test_no_final_state_is_lost_through_bus_faults(
                     node.kill()
                 await _write_rounds(sql, ids, 5)
                 await _finish(sql, ids[: n_tasks // 2])  # while NATS is down altogether
-                await asyncio.sleep(1)
+
+                async def unready() -> bool:
+                    r = await direct.get(f"{f.urls[0]}/readyz")
+                    return r.status_code == 503 and "NATS connection is down" in r.text
+
+                await _wait(unready, "/readyz to say NATS is down")
+                assert await metric(direct, f.urls[0], "taskstream_bus_connected") == 0
                 for node in nats_cluster.nodes:
                     node.start()
                 nats_cluster.wait_meshed()
+
+                async def ready() -> bool:
+                    return (await direct.get(f"{f.urls[0]}/readyz")).status_code == 200
+
+                await _wait(ready, "/readyz back to 200")
 
             await _write_rounds(sql, ids[n_tasks // 2 :], 5)
             await _finish(sql, ids[n_tasks // 2 :])
