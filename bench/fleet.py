@@ -85,9 +85,9 @@ async def _instance_proc(args: argparse.Namespace) -> None:
 
         source: ChangeSource
         if args.mode == "listen":
-            source = PgListener(args.dsn)
+            source = PgListener(args.dsn)  # the defaults `taskstream serve` runs with
         else:
-            source = NatsBus(args.dsn, [args.nats], prefix="fleetbench", check_interval=1.0)
+            source = NatsBus(args.dsn, [args.nats], prefix="fleetbench")
         await source.start(count, no_resync)
         if args.mode == "nats":
             for i in range(g, TASKS, args.fleet):  # its share of the tasks
