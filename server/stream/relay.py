@@ -137,6 +137,15 @@ class RelayElection:
                 delay = 0.1
             except db.DATABASE_ERRORS as exc:
                 logger.debug("relay election: database error %s", type(exc).__name__)
+            except Exception as exc:
+                # E.g. the LISTEN self-check failed: log it, keep competing (another instance
+                # may be able to listen), never let the election end silently.
+                logger.warning(
+                    "relay: could not act as relay (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "relay_failed"},
+                )
             # Full jitter, as the listener: instances losing one database do not retry in step.
             await asyncio.sleep(random.uniform(0, delay) + self.check_interval / 2)
             delay = min(delay * 2, 5.0)
