@@ -62,11 +62,13 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def fleet(database_url: str, cluster: NatsCluster, n: int) -> AsyncIterator[Fleet]:
+async def fleet(
+    database_url: str, cluster: NatsCluster, n: int, **overrides: str
+) -> AsyncIterator[Fleet]:
     f = Fleet(Path(tempfile.mkdtemp(prefix="taskstream-bus-test-")), f"ts{secrets.token_hex(4)}")
     try:
         for i in range(n):
-            env = bus_env(cluster, i % len(cluster.nodes), f.prefix)
+            env = bus_env(cluster, i % len(cluster.nodes), f.prefix) | overrides
             p, url = await _start_instance(f.workdir, f"i{i}", database_url, **env)
             f.procs.append(p)
             f.urls.append(url)

@@ -39,7 +39,9 @@ async def test_an_instance_receives_only_the_tasks_and_owners_it_watches(
     await create_task(sql, "a.1", owner="alice", state="running")
     await create_task(sql, "b.1", owner="bob", state="running")
     async with (
-        fleet(database_url, nats_cluster, 2) as f,
+        # Exact counts below: a relaxed liveness check keeps a loaded machine from making the
+        # relay reconnect its LISTEN (and resync instead of publishing) in the middle.
+        fleet(database_url, nats_cluster, 2, TASKSTREAM_LISTENER_CHECK="5") as f,
         httpx.AsyncClient(timeout=httpx.Timeout(10, read=30)) as client,
         httpx.AsyncClient(timeout=5) as direct,
     ):
