@@ -53,8 +53,8 @@ OnChange = Callable[[TaskState], None]
 
 
 class OnResync(Protocol):
-    """ "Changes may have been missed": re-read what is watched (all of it, or only the given
-    tasks and owners' new tasks when a source knows which ones were affected)."""
+    """Called when changes may have been missed: re-read what is watched (all of it, or only
+    the given tasks and owners' new tasks when a source knows which ones were affected)."""
 
     def __call__(
         self, task_ids: Collection[str] | None = None, owners: Collection[str] | None = None
