@@ -7,6 +7,7 @@ Hypercorn worker process (which inherits the environment) and for docker-compose
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,31 @@ def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
 
+def _nats_urls(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """``TASKSTREAM_NATS_URL``: one or more comma-separated ``nats://`` (or ``tls://``) URLs."""
+    urls = _list(env, name)
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        host = rest.rsplit("@", 1)[-1].split("/", 1)[0]
+        if scheme not in ("nats", "tls") or not sep or not host or any(c.isspace() for c in url):
+            shown = f"{scheme}://..." if sep else url[:40]
+            raise ConfigError(
+                f"{name} must be comma-separated nats:// or tls:// URLs "
+                f"(like nats://nats-1:4222,nats://nats-2:4222), got {shown!r}"
+            )
+    return urls
+
+
+def _subject_prefix(env: dict[str, str], name: str) -> str:
+    raw = env.get(name, "").strip() or "taskstream"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", raw) or len(raw) > 100:
+        raise ConfigError(
+            f"{name} must be dot-separated tokens of letters, digits, '_' and '-' "
+            f"(at most 100 characters), got {raw[:40]!r}"
+        )
+    return raw
+
+
 def _metrics_token(env: dict[str, str], name: str) -> str | None:
     raw = env.get(name, "")
     if raw == "":
@@ -164,6 +190,10 @@ class Settings:
     write_batch_max: int = 500
     # PATCH /api/v1/tasks: most task updates one request may carry.
     bulk_max_items: int = 1000
+    # The NATS fan-out bus (docs/scaling.md): empty keeps one LISTEN connection per process.
+    nats_urls: tuple[str, ...] = ()
+    # Subjects live under it; one prefix per fleet and database (fleets may share a NATS).
+    nats_subject_prefix: str = "taskstream"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -216,4 +246,6 @@ class Settings:
             write_batch_window=_float(e, "TASKSTREAM_WRITE_BATCH_WINDOW", 0.0, minimum=0.0),
             write_batch_max=_int(e, "TASKSTREAM_WRITE_BATCH_MAX", 500, minimum=1),
             bulk_max_items=_int(e, "TASKSTREAM_BULK_MAX_ITEMS", 1000, minimum=1),
+            nats_urls=_nats_urls(e, "TASKSTREAM_NATS_URL"),
+            nats_subject_prefix=_subject_prefix(e, "TASKSTREAM_NATS_SUBJECT_PREFIX"),
         )
