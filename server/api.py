@@ -113,6 +113,9 @@ def json_body(model: type[BaseModel]) -> Callable[[F], F]:
                     data = json.loads(raw)
                 except (ValueError, UnicodeDecodeError):
                     return json_error(400, "Invalid JSON")
+                except RecursionError:
+                    # Nesting deeper than the parser's recursion limit (metadata is an object).
+                    return json_error(400, "Invalid JSON", "nested too deeply")
             loaded = model_load(data, model, RequestSchemaValidationError)
             return await func(*args, data=loaded, **kwargs)
 

@@ -9,6 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
+from server.tasks import MAX_GROUP_TASKS, MAX_METADATA, MAX_METADATA_SQL
 from tests.conftest import LiveServer, create_task
 from tests.sse_client import Stream, open_stream
 from tests.test_delivery import KILL_LISTENER, wait_until
@@ -256,3 +257,31 @@ async def test_group_stream_sees_concurrent_creators(
             assert [r["group_seq"] for r in seqs] == list(range(1, 22))
     finally:
         await pool.close()
+
+
+async def test_group_is_full_at_its_cap(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    await create_task(sql, "cap1", group_id="gcap")
+    # As if 999 more tasks had joined (inserting them all would only slow the test down).
+    await sql.execute(
+        f"UPDATE taskstream.groups SET last_seq = {MAX_GROUP_TASKS} WHERE id = 'gcap'"
+    )
+    r = await client.post(
+        f"{server.url}/api/v1/tasks", json={"group_id": "gcap"}, headers=auth(server)
+    )
+    assert r.status_code == 409 and r.json()["error"] == "Group unavailable"
+
+
+async def test_sql_and_python_agree_on_group_and_metadata_limits(sql: asyncpg.Connection) -> None:
+    defs = {
+        r["conname"]: r["def"]
+        for r in await sql.fetch(
+            "SELECT conname, pg_get_constraintdef(oid) AS def FROM pg_constraint"
+            " WHERE conrelid IN ('taskstream.tasks'::regclass, 'taskstream.groups'::regclass)"
+        )
+    }
+    assert f"<= {MAX_METADATA_SQL}" in defs["tasks_metadata_object"]
+    assert MAX_METADATA_SQL >= 2 * MAX_METADATA  # jsonb's text form of an API-sized object fits
+    last_seq = next(d for d in defs.values() if "last_seq" in d)
+    assert f"{MAX_GROUP_TASKS}" in last_seq

@@ -166,3 +166,30 @@ async def test_group_stream_carries_metadata(
     url = f"{server.url}/api/v1/sse/groups/gm/progress"
     async with open_stream(client, url, token=server.token()) as s:
         assert (await s.next()).json()["metadata"] == {"step": "upload"}
+
+
+async def test_deeply_nested_body_is_a_clear_error(
+    server: LiveServer, client: httpx.AsyncClient
+) -> None:
+    # Nested past json's recursion limit: a 4xx with a JSON error, never a 500.
+    body = '{"metadata": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}"
+    headers = {**auth(server), "Content-Type": "application/json"}
+    r = await client.post(f"{server.url}/api/v1/tasks", content=body, headers=headers)
+    assert 400 <= r.status_code < 500, r.text
+    assert "error" in r.json()
+
+
+async def test_metadata_nested_too_deep_for_python_still_streams(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    """An SQL writer may store metadata nested deeper than Python's JSON parser goes (the schema
+    bounds its size, not its depth): the task streams and reads without it, nothing breaks."""
+    deep = '{"a": ' + "[" * 1800 + "]" * 1800 + "}"
+    await create_task(sql, "d1")
+    async with open_stream(client, server.stream_url("d1"), token=server.token()) as s:
+        await s.next()
+        await sql.execute("UPDATE taskstream.tasks SET metadata = $1 WHERE id = 'd1'", deep)
+        ev = (await s.next()).json()
+        assert ev["version"] == 2 and "metadata" not in ev
+    r = await client.get(f"{server.url}/api/v1/tasks/d1", headers=auth(server))
+    assert r.status_code == 200 and r.json()["metadata"] is None
