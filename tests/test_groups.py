@@ -9,6 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
+from server import metrics
 from server.tasks import MAX_GROUP_TASKS, MAX_METADATA, MAX_METADATA_SQL
 from tests.conftest import LiveServer, create_task
 from tests.sse_client import Stream, open_stream
@@ -285,3 +286,25 @@ async def test_sql_and_python_agree_on_group_and_metadata_limits(sql: asyncpg.Co
     assert MAX_METADATA_SQL >= 2 * MAX_METADATA  # jsonb's text form of an API-sized object fits
     last_seq = next(d for d in defs.values() if "last_seq" in d)
     assert f"{MAX_GROUP_TASKS}" in last_seq
+
+
+async def test_group_stream_progress_takes_the_direct_write(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    await create_task(sql, "d1", group_id="g1")
+    await create_task(sql, "d2", group_id="g1")
+    async with open_stream(client, group_url(server), token=server.token()) as s:
+        await progress_of(s, "d1")
+        await progress_of(s, "d2")
+        await asyncio.sleep(0.3)  # let the stream park after writing its snapshot
+        before = metrics.TALLY.direct_writes
+        for p in (10.0, 20.0):
+            await sql.execute("UPDATE taskstream.tasks SET progress = $1 WHERE id = 'd2'", p)
+            ev = await s.next()
+            # Straight to the socket, with this stream's own resume id.
+            assert ev.json()["progress"] == p and ev.id == f"1.{2 if p == 10.0 else 3}"
+        assert metrics.TALLY.direct_writes == before + 2
+        # A terminal state takes the mailbox path: its complete follows it.
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'd2'")
+        assert (await progress_of(s, "d2"))["state"] == "success"
+        assert (await s.next()).event == "complete"

@@ -326,7 +326,13 @@ async def group_progress(group_id: str) -> Response:
                 )
             seen = _parse_group_resume(last_id)
             stream = StreamSession(
-                rt, lease, principal, open_ids=set(), multi=True, group_id=group_id
+                rt,
+                lease,
+                principal,
+                open_ids=set(),
+                multi=True,
+                group_id=group_id,
+                connection=connection_of(request.scope),
             )
             snapshots: list[TaskState] = []
             for state in view.tasks.values():

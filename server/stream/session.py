@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from server import metrics
 from server.auth import Principal
-from server.hypercorn_internals import Connection, progress_chunk
+from server.hypercorn_internals import Connection, chunk, progress_chunk
 from server.runtime import Runtime
 from server.stream import encoder
 from server.stream.encoder import END_OF_STREAM_ID
@@ -128,7 +128,8 @@ async def single_event(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
 def direct_write(
     stream: StreamSession, transport: asyncio.WriteTransport
 ) -> Callable[[TaskState], bool]:
-    """Write a single-task stream's ``progress`` events to its socket from the registry's dispatch.
+    """Write a single-task (or group) stream's ``progress`` events to its socket from the
+    registry's dispatch.
 
     The ordinary path wakes the stream's task, which hands the event to Quart, Hypercorn and h11
     before it reaches the socket. With one update watched by thousands of streams that path was
@@ -147,13 +148,19 @@ def direct_write(
     open_ids = stream.open_ids
     tally = metrics.TALLY
     progress_event = encoder.progress_event
+    # A group stream's event carries the stream's own resume id: framed per stream, not cached.
+    group = stream.group_id is not None
 
     def write(state: TaskState) -> bool:
         if state.terminal or state.deleted or state.id not in open_ids:
             return False
         if transport.is_closing() or transport.get_write_buffer_size():
             return False
-        transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
+        if group:
+            sub.mark_sent(state)
+            transport.write(chunk(encoder.multi_progress_event(state, stream.resume_id())))
+        else:
+            transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
         sub.mark_sent(state)
         tally.count_sent("progress")
         tally.direct_writes += 1
@@ -181,8 +188,9 @@ async def run(stream: StreamSession) -> AsyncIterator[bytes]:
         # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
         yield b"".join([encoder.retry_field(settings.retry_ms), *stream.preamble])
         stream.count_sent("retry")
-        # The response has started: from now on, progress may go straight to the socket.
-        if stream.connection is not None and not stream.multi and not stream.owner_wide:
+        # The response has started: from now on, progress may go straight to the socket (one
+        # task's stream, or a group's; not the multi-task and owner-wide ones).
+        if stream.connection is not None and (not stream.multi or stream.group_id is not None):
             transport = stream.connection.chunked_transport()
             if transport is not None:
                 sub.attach_direct(direct_write(stream, transport))
