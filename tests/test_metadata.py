@@ -3,6 +3,7 @@ the notification that leaves a large one out ("fetch": true) for the server to r
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import asyncpg
@@ -193,3 +194,15 @@ async def test_metadata_nested_too_deep_for_python_still_streams(
         assert ev["version"] == 2 and "metadata" not in ev
     r = await client.get(f"{server.url}/api/v1/tasks/d1", headers=auth(server))
     assert r.status_code == 200 and r.json()["metadata"] is None
+
+
+async def test_large_payload_of_an_unwatched_task_is_not_read(
+    server: LiveServer, sql: asyncpg.Connection
+) -> None:
+    broker = server.runtime.broker
+    listener = broker.source
+    before = listener.notifications  # type: ignore[attr-defined]
+    await create_task(sql, "u1", error=WIDE_ERROR, metadata=json.dumps({"k": "y" * 1500}))
+    await wait_until(lambda: listener.notifications > before, 5)  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)
+    assert broker.fetches == 0

@@ -200,13 +200,21 @@ class Registry:
         queued = self._fetching.get(change.id)
         if queued is not None:
             queued.append(change)
-        elif change.fetch:
+        elif change.fetch and self._watched(change):
             self._fetching[change.id] = []
             task = asyncio.get_running_loop().create_task(self._fetch(change))
             self._fetches.add(task)
             task.add_done_callback(self._fetches.discard)
         else:
             self._deliver(change)
+
+    def _watched(self, state: TaskState) -> bool:
+        """Whether any mailbox may take this state (a row nobody watches is not read)."""
+        return (
+            state.id in self._by_task
+            or state.owner_id in self._by_owner
+            or (state.group_id is not None and state.group_id in self._by_group)
+        )
 
     async def _fetch(self, state: TaskState) -> None:
         """Read the row of a notification that left its metadata out, then deliver it and
