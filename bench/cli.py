@@ -15,10 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.config import SCENARIOS, TARGETS, BenchConfig, smoke
+from bench.config import SCENARIOS, TARGETS, TASKSTREAM_ONLY, BenchConfig, smoke
 from bench.database import BenchDatabase
 from bench.loadgen import raise_nofile
-from bench.report import machine, plots, table, write_json
+from bench.report import group_side_by_side, machine, plots, table, write_json
 from bench.scenarios import Context, RunResult, run_scenario, taskstream_command
 
 __all__ = ["main"]
@@ -146,6 +146,8 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
         ctx = Context(cfg, db, secret, out)
         for scenario in cfg.scenarios:
             for target in cfg.targets:
+                if scenario in TASKSTREAM_ONLY and target != "taskstream":
+                    continue
                 logger.info("== %s / %s ==", scenario, target)
                 res = await run_scenario(ctx, scenario, target)
                 ctx.run_index += 1
@@ -169,6 +171,10 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
         }
         print()
         print(table(results))
+        side = group_side_by_side(results)
+        if side:
+            print()
+            print(side)
         cfg_doc = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in dataclasses.asdict(cfg).items()

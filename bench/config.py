@@ -6,9 +6,11 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["SCENARIOS", "TARGETS", "BenchConfig", "smoke"]
+__all__ = ["SCENARIOS", "TARGETS", "TASKSTREAM_ONLY", "BenchConfig", "smoke"]
 
-SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate")
+SCENARIOS = ("many_tasks", "group_stream", "fanout", "connect_storm", "idle", "max_rate")
+# Scenarios the polling baseline has no counterpart for.
+TASKSTREAM_ONLY = frozenset({"group_stream"})
 TARGETS = ("taskstream", "polling")
 
 DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)

@@ -110,16 +110,19 @@ class BenchDatabase:
             raise RuntimeError("database is closed")
         return self._admin
 
-    async def reset_tasks(self, tasks: list[tuple[str, str]]) -> None:
-        """Empty the table and insert ``(id, owner)`` rows with plain SQL."""
+    async def reset_tasks(self, tasks: list[tuple[str, str]], *, groups: bool = False) -> None:
+        """Empty the table and insert ``(id, owner)`` rows with plain SQL; with ``groups``, each
+        task in a group of its own, named like it."""
         conn = await asyncpg.connect(self.url)
         try:
-            await conn.execute("TRUNCATE taskstream.tasks")
+            await conn.execute("TRUNCATE taskstream.tasks, taskstream.groups")
             await conn.execute(
-                "INSERT INTO taskstream.tasks(id, owner_id) "
-                "SELECT * FROM unnest($1::text[], $2::text[])",
+                "INSERT INTO taskstream.tasks(id, owner_id, group_id) "
+                "SELECT t, o, CASE WHEN $3 THEN t END"
+                " FROM unnest($1::text[], $2::text[]) AS x(t, o)",
                 [t for t, _ in tasks],
                 [o for _, o in tasks],
+                groups,
             )
             await conn.execute("VACUUM ANALYZE taskstream.tasks")
         finally:

@@ -45,6 +45,8 @@ class WorkerJob:
     secret: str
     assignments: list[tuple[str, str]]
     expect_state: str = "success"
+    # Open each stream on the group of the same name (group_stream) instead of on the task.
+    group_streams: bool = False
 
 
 def _stamp_epoch(stamp: bytes, cache: dict[bytes, float]) -> float:
@@ -70,7 +72,9 @@ class _Worker:
         if tok is None:
             tok = mint(self.job.secret, owner, ttl=7200).encode()
             self.tokens[owner] = tok
-        return build_request(self.job.host, self.job.port, task_id, tok.decode())
+        return build_request(
+            self.job.host, self.job.port, task_id, tok.decode(), group=self.job.group_streams
+        )
 
     async def _open(self, stream: SSEStream, sem: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ import psutil
 
 from bench.scenarios import RunResult
 
-__all__ = ["machine", "plots", "ratios", "table", "write_json"]
+__all__ = ["group_side_by_side", "machine", "plots", "ratios", "table", "write_json"]
 
 
 def machine() -> dict[str, Any]:
@@ -155,6 +155,30 @@ def ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
         if rat:
             out[scenario] = rat
     return out
+
+
+def group_side_by_side(results: list[RunResult]) -> str:
+    """The group stream beside the per-task stream at the same load (taskstream only): latency
+    percentiles, server CPU and the group / per-task ratio (target: within 10 %)."""
+    by = {r.scenario: r for r in results if r.target == "taskstream"}
+    per_task, group = by.get("many_tasks"), by.get("group_stream")
+    if per_task is None or group is None:
+        return ""
+    lines = [
+        "group stream vs per-task stream, same tasks, streams and update rate:",
+        f"  {'':12}{'per-task':>12}{'group':>12}{'group/per-task':>16}",
+    ]
+    for label, key in (
+        ("p50 ms", "p50_ms"),
+        ("p95 ms", "p95_ms"),
+        ("p99 ms", "p99_ms"),
+        ("max ms", "max_ms"),
+        ("srv CPU s", "server_cpu_s"),
+    ):
+        a, b = per_task.metrics.get(key), group.metrics.get(key)
+        ratio = f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) and a > 0 else "-"
+        lines.append(f"  {label:12}{_fmt(a, 2):>12}{_fmt(b, 2):>12}{ratio:>16}")
+    return "\n".join(lines)
 
 
 def _cdf_points(values: np.ndarray, n: int = 201) -> list[list[float]]:

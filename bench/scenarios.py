@@ -1,4 +1,4 @@
-"""The five scenarios, each run against one target (taskstream or the polling baseline).
+"""The six scenarios, each run against one target (taskstream or the polling baseline).
 
 A run owns a fresh server process and fresh load-generator processes, so memory figures
 of one scenario do not inherit the heap of another.
@@ -212,10 +212,10 @@ class Run:
         self.writer = Writer(ctx.db.url, ctx.cfg.writer_connections, ctx.cfg.synchronous_commit)
         self.meter: Meter | None = None
 
-    async def start(self, assignments: list[tuple[str, str]]) -> None:
+    async def start(self, assignments: list[tuple[str, str]], *, groups: bool = False) -> None:
         cfg = self.cfg
         tasks = sorted(set(assignments))
-        await self.ctx.db.reset_tasks(tasks)
+        await self.ctx.db.reset_tasks(tasks, groups=groups)
         self.server = _server(self.ctx, self.target, free_port())
         ready = "ready" if self.target == "taskstream" else None
         await self.server.start(ready, cfg.server_workers)
@@ -229,6 +229,7 @@ class Run:
                 f"127.0.{net}.{2 + w}",
                 self.ctx.secret,
                 assignments[w::procs],
+                group_streams=groups,
             )
             for w in range(procs)
         ]
@@ -297,11 +298,22 @@ def _many(n: int, users: int) -> list[tuple[str, str]]:
 
 
 async def many_tasks(run: Run, res: RunResult) -> None:
+    await _many_streams(run, res, groups=False)
+
+
+async def group_stream(run: Run, res: RunResult) -> None:
+    """many_tasks with every stream on a group stream instead (each task in a group of its own):
+    the same tasks, rate and streams, through the group path (group index, group resume id,
+    no direct write)."""
+    await _many_streams(run, res, groups=True)
+
+
+async def _many_streams(run: Run, res: RunResult, *, groups: bool) -> None:
     cfg = run.cfg
     n = res.streams
     assignments = _many(n, cfg.users)
     task_ids = [t for t, _ in assignments]
-    await run.start(assignments)
+    await run.start(assignments, groups=groups)
     rss0 = run.m.server.sample().rss
     c = await run.lg.connect(n, cfg.connect_concurrency, run.connect_timeout(n))
     res.metrics.update(_connect_metrics(c))
@@ -310,7 +322,7 @@ async def many_tasks(run: Run, res: RunResult) -> None:
     res.metrics["rss_per_stream_kb"] = (rss1 - rss0) / max(c["open"], 1) / 1024
     res.metrics["server_rss_mb_idle"] = rss0 / 2**20
     a = await run.m.snap()
-    async with Profiler.maybe(run, "many_tasks", cfg.duration):
+    async with Profiler.maybe(run, run.scenario, cfg.duration):
         ws = await run.writer.run(cfg.rate, cfg.duration, task_ids)
         b = await run.m.snap()
     res.metrics.update(Meter.delta(a, b, ws.updates + ws.errors))
@@ -486,6 +498,7 @@ async def max_rate(run: Run, res: RunResult) -> None:
 
 SCENARIO_FUNCS: dict[str, Callable[[Run, RunResult], Awaitable[None]]] = {
     "many_tasks": many_tasks,
+    "group_stream": group_stream,
     "fanout": fanout,
     "connect_storm": connect_storm,
     "idle": idle,

@@ -16,10 +16,16 @@ __all__ = ["SSEStream", "Tally", "build_request"]
 TERMINAL_EVENT = b"complete"
 
 
-def build_request(host: str, port: int, task_id: str, token: str) -> bytes:
-    """The exact bytes of one authenticated stream request."""
+def build_request(host: str, port: int, task_id: str, token: str, *, group: bool = False) -> bytes:
+    """The exact bytes of one authenticated stream request (``group``: the stream of the group
+    named ``task_id``)."""
+    path = (
+        f"/api/v1/sse/groups/{task_id}/progress"
+        if group
+        else f"/api/v1/sse/tasks/{task_id}/progress"
+    )
     return (
-        f"GET /api/v1/sse/tasks/{task_id}/progress HTTP/1.1\r\n"
+        f"GET {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
         f"Authorization: Bearer {token}\r\n"
         "Accept: text/event-stream\r\n"

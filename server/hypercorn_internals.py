@@ -86,6 +86,7 @@ __all__ = [
     "PromptCloseTCPServer",
     "ProxyFixMiddleware",
     "check",
+    "chunk",
     "install_peerclose",
     "peerclose_problems",
     "progress_chunk",
@@ -214,6 +215,11 @@ def resolve(send: Any) -> Connection | None:
     if transport is None:
         return None
     return Connection(transport, h11_conn)
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` framed as one HTTP/1.1 chunk (a group stream's event: its id is the stream's)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 def progress_chunk(state: TaskState, event: bytes) -> bytes:

@@ -29,6 +29,8 @@ class Subscription:
         "conflated",
         "created_after",
         "direct",
+        "group_closed",
+        "group_id",
         "owner_id",
         "pending",
         "sent",
@@ -40,11 +42,21 @@ class Subscription:
         "__weakref__",
     )
 
-    def __init__(self, user_id: str, task_ids: set[str], owner_id: str | None) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        task_ids: set[str],
+        owner_id: str | None,
+        group_id: str | None = None,
+    ) -> None:
         self.user_id = user_id
         self.task_ids = task_ids
         # Set for a stream that follows every task of this owner, including tasks created later.
         self.owner_id = owner_id
+        # Set for a stream that follows every task of this group, including tasks created later;
+        # group_closed once its owner closed it (no task joins it any more).
+        self.group_id = group_id
+        self.group_closed = False
         self.pending: dict[str, TaskState] = {}
         # Highest version handed to the client per task; older or equal versions are dropped.
         self.sent: dict[str, int] = {}
@@ -154,6 +166,12 @@ class Subscription:
     def mark_sent(self, state: TaskState) -> None:
         if state.version > self.sent.get(state.id, 0):
             self.sent[state.id] = state.version
+
+    def mark_group_closed(self) -> None:
+        """The group this stream follows was closed: wake the stream so it can tell whether it
+        is done."""
+        self.group_closed = True
+        self._wake()
 
     def close(self, reason: str) -> None:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""
