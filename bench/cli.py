@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", action="store_true", help="py-spy the taskstream server")
     r.add_argument("--keep-db", action="store_true", help="keep taskstream_bench afterwards")
     r.add_argument("-v", "--verbose", action="store_true")
+    from bench import heapprofile
+
+    heapprofile.add_parser(sub)
     return p
 
 
@@ -185,6 +188,11 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "heap":
+        from bench import heapprofile
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        return heapprofile.main(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -27,7 +27,7 @@ from server.tasks import TaskState
 __all__ = ["StreamSession", "direct_write", "run", "single_event"]
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamSession:
     """What one open stream needs to remember between events."""
 
