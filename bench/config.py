@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["SCENARIOS", "TARGETS", "BenchConfig", "smoke"]
+__all__ = ["HTTP_VERSIONS", "SCENARIOS", "TARGETS", "BenchConfig", "smoke"]
 
 SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate")
 TARGETS = ("taskstream", "polling")
+# How the load generator speaks: HTTP/1.1, or HTTP/2 in cleartext with prior knowledge.
+HTTP_VERSIONS = ("http1", "h2c")
 
 DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)
 
@@ -26,6 +28,11 @@ class BenchConfig:
     out: Path = field(default_factory=lambda: Path(__file__).resolve().parent / "results")
     database_url: str | None = None
     server_workers: int = 2
+    # Run every scenario once per worker count (--workers 1,2,3); empty: server_workers only.
+    workers_sweep: tuple[int, ...] = ()
+    # Run every scenario once per HTTP version (--http http1,h2c); the one being run is `http`.
+    http_versions: tuple[str, ...] = ("http1",)
+    http: str = "http1"
     client_procs: int = 0  # 0: enough processes to stay well under the per-process fd limit
     users: int = 100
     connect_concurrency: int = 512

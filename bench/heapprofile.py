@@ -87,8 +87,8 @@ def _innermost_app_frame(frames: list[tracemalloc.Frame]) -> tracemalloc.Frame |
         name = frame.filename
         if name.startswith(_STDLIB) and "site-packages" not in name:
             continue
-        if name.startswith("<") or name.endswith("uvloop/__init__.py"):
-            continue  # uvloop.run's frame: the allocation came from the loop's C code
+        if name.startswith("<") or name.endswith(("uvloop/__init__.py", "bench/heapprofile.py")):
+            continue  # the runner's frames: the allocation came from the loop's C code
         return frame
     return None
 

@@ -53,11 +53,22 @@ class RunResult:
     scenario: str
     target: str
     streams: int
+    workers: int = 0
+    http: str = "http1"
+    # Set when a run sweeps workers or HTTP versions: the label then names them.
+    variant: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     latencies_ms: np.ndarray | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The target, with the worker count and HTTP version when the run varies them."""
+        if not self.variant:
+            return self.target
+        return f"{self.target} w{self.workers} {self.http}"
 
 
 def taskstream_command() -> list[str]:
@@ -229,6 +240,7 @@ class Run:
                 f"127.0.{net}.{2 + w}",
                 self.ctx.secret,
                 assignments[w::procs],
+                http2=cfg.http == "h2c",
             )
             for w in range(procs)
         ]
@@ -499,7 +511,8 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
     streams = cfg.connections
     if scenario == "max_rate":
         streams = min(cfg.connections, cfg.max_rate_streams)
-    res = RunResult(scenario, target, streams)
+    res = RunResult(scenario, target, streams, workers=cfg.server_workers, http=cfg.http)
+    res.variant = len(cfg.workers_sweep) > 1 or len(cfg.http_versions) > 1
     run = Run(ctx, scenario, target)
     t0 = time.monotonic()
     try:

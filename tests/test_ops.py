@@ -316,12 +316,16 @@ async def test_metrics_add_up_across_workers(database_url: str, sql: asyncpg.Con
 def test_a_coalesced_write_is_counted_event_by_event() -> None:
     # The kinds and the close reason are recorded where the events are made, never parsed back
     # out of the bytes written (rewording a message cannot change a metric label).
+    from types import SimpleNamespace
+
+    from server.stream.mailbox import Subscription
     from server.stream.observe import CloseReason
     from server.stream.session import StreamSession
     from server.tasks import TaskState
 
-    stream = StreamSession(None, None, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
-    stream.resume_id = lambda: None  # type: ignore[method-assign]
+    # StreamSession has __slots__: its resume id comes from a real mailbox, not a patched method.
+    lease = SimpleNamespace(sub=Subscription("alice", {"t1", "t2"}, None))
+    stream = StreamSession(None, lease, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
     state = TaskState(id="t1", owner_id="alice", version=2, state="success")
     chunk = b"".join(stream.finish(state))
     assert chunk.count(b"\n\n") == 2
