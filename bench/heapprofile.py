@@ -116,6 +116,7 @@ class HeapProfile:
 
     streams: int
     warm: int
+    http: str = "http1"
     rss_per_stream_kb: float = 0.0
     traced_per_stream_b: float = 0.0
     layers: dict[str, float] = field(default_factory=dict)  # bytes per stream
@@ -130,7 +131,9 @@ class HeapProfile:
         out = [
             f"### {title}",
             "",
-            f"{self.streams:,} single-task streams over HTTP/1.1 added to {self.warm:,} open "
+            f"{self.streams:,} single-task streams over "
+            f"{'HTTP/1.1' if self.http == 'http1' else 'HTTP/2 (h2c, one connection each)'} "
+            f"added to {self.warm:,} open "
             f"ones, one process (`{self.meta.get('command', 'python -m bench heap')}`).",
             "",
             "- RSS per stream (tracing off; the census below is from the same step): "
@@ -206,13 +209,15 @@ async def _serve(app: Any, port: int, stop: asyncio.Event) -> None:
             s.close()
 
 
-async def run(streams: int, warm: int, database_url: str | None) -> HeapProfile:
+async def run(
+    streams: int, warm: int, database_url: str | None, http: str = "http1"
+) -> HeapProfile:
     from bench.procs import free_port
 
     raise_nofile()
     db = await BenchDatabase.open(database_url)
     secret = secrets.token_urlsafe(32)
-    result = HeapProfile(streams, warm)
+    result = HeapProfile(streams, warm, http=http)
     stop = asyncio.Event()
     server_task: asyncio.Task[None] | None = None
     lg: LoadGen | None = None
@@ -249,7 +254,14 @@ async def run(streams: int, warm: int, database_url: str | None) -> HeapProfile:
             raise RuntimeError("the in-process server did not answer")
         procs = 2
         jobs = [
-            WorkerJob(HOST, port, f"127.0.9.{2 + w}", secret, assignments[w::procs])
+            WorkerJob(
+                HOST,
+                port,
+                f"127.0.9.{2 + w}",
+                secret,
+                assignments[w::procs],
+                http2=http == "h2c",
+            )
             for w in range(procs)
         ]
         lg = LoadGen(jobs)
@@ -329,6 +341,9 @@ def add_parser(sub: Any) -> None:
         default=os.environ.get("BENCH_DATABASE_URL"),
         help="a PostgreSQL server for the database taskstream_bench (default: embedded)",
     )
+    h.add_argument(
+        "--http", choices=("http1", "h2c"), default="http1", help="how the streams connect"
+    )
     h.add_argument("--title", default="Heap profile of one open stream")
     h.add_argument("--out", type=Path, help="append the markdown table to this file")
     h.add_argument("--json", type=Path, help="write the figures as JSON")
@@ -338,7 +353,7 @@ def main(args: argparse.Namespace) -> int:
     import uvloop
 
     t0 = time.time()
-    profile = uvloop.run(run(args.streams, args.warm, args.database_url))
+    profile = uvloop.run(run(args.streams, args.warm, args.database_url, args.http))
     profile.meta = {
         "command": " ".join(["python", "-m", "bench", *sys.argv[1:]]),
         "wall_s": round(time.time() - t0, 1),

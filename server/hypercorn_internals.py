@@ -86,6 +86,7 @@ __all__ = [
     "PromptCloseTCPServer",
     "ProxyFixMiddleware",
     "check",
+    "frame_chunk",
     "install_peerclose",
     "peerclose_problems",
     "progress_chunk",
@@ -216,11 +217,16 @@ def resolve(send: Any) -> Connection | None:
     return Connection(transport, h11_conn)
 
 
+def frame_chunk(data: bytes) -> bytes:
+    """``data`` framed as one HTTP/1.1 chunk (h11's ChunkedWriter frames the same way)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 def progress_chunk(state: TaskState, event: bytes) -> bytes:
     """``event`` (the state's progress event) framed as one HTTP/1.1 chunk, cached on the state."""
     chunk = state.memo_chunk
     if chunk is None:
-        chunk = state.memo_chunk = b"%x\r\n%b\r\n" % (len(event), event)
+        chunk = state.memo_chunk = frame_chunk(event)
     return chunk
 
 

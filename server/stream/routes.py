@@ -240,6 +240,7 @@ async def tasks_stream() -> Response:
                 multi=True,
                 owner_wide=owner_wide,
                 order=order,
+                connection=connection_of(request.scope),
             )
             snapshots: list[TaskState] = []
             for tid in order:
