@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--targets", type=_csv(TARGETS), help=f"subset of {','.join(TARGETS)}")
     r.add_argument("--out", type=Path, help="results directory (default bench/results)")
     r.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree of another commit (e.g. `git worktree add /tmp/main main`): adds "
+        "the target 'baseline', taskstream served from there, run back to back with this one",
+    )
+    r.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL"),
         help="a PostgreSQL server to create the database taskstream_bench on "
@@ -134,6 +140,7 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         "connect_concurrency": "connect_concurrency",
         "heartbeat": "heartbeat",
         "writer_synchronous_commit": "synchronous_commit",
+        "baseline": "baseline",
     }
     changes = {
         field: getattr(args, arg)
@@ -147,6 +154,14 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         changes["http_versions"] = args.http
         changes["http"] = args.http[0]
     cfg = dataclasses.replace(cfg, **changes, profile=args.profile, keep_db=args.keep_db)
+    if "baseline" in cfg.targets and cfg.baseline is None:
+        raise SystemExit("the target 'baseline' needs --baseline DIR")
+    if cfg.baseline is not None:
+        if not (cfg.baseline / "server" / "__main__.py").is_file():
+            raise SystemExit(f"--baseline {cfg.baseline}: no server/ package there")
+        cfg = dataclasses.replace(cfg, baseline=cfg.baseline.resolve())
+        if "baseline" not in cfg.targets:
+            cfg = dataclasses.replace(cfg, targets=("baseline", *cfg.targets))
     if cfg.connections < 1 or cfg.rate <= 0 or cfg.duration <= 0:
         raise SystemExit("--connections, --rate and --duration must be positive")
     return cfg

@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["HTTP_VERSIONS", "SCENARIOS", "TARGETS", "BenchConfig", "smoke"]
+__all__ = ["HTTP_VERSIONS", "SCENARIOS", "SERVERS", "TARGETS", "BenchConfig", "smoke"]
 
 SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate")
-TARGETS = ("taskstream", "polling")
+# "baseline" is taskstream served from another source tree (--baseline DIR), e.g. main's.
+TARGETS = ("taskstream", "polling", "baseline")
+SERVERS = ("taskstream", "baseline")
 # How the load generator speaks: HTTP/1.1, or HTTP/2 in cleartext with prior knowledge.
 HTTP_VERSIONS = ("http1", "h2c")
 
@@ -24,7 +26,9 @@ class BenchConfig:
     rate: float = 500.0
     duration: float = 30.0
     scenarios: tuple[str, ...] = SCENARIOS
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = ("taskstream", "polling")
+    # The source tree the "baseline" target serves from (a checkout of another commit).
+    baseline: Path | None = None
     out: Path = field(default_factory=lambda: Path(__file__).resolve().parent / "results")
     database_url: str | None = None
     server_workers: int = 2

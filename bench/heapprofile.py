@@ -267,10 +267,16 @@ async def run(
         lg = LoadGen(jobs)
         await lg.start()
 
+        opened = [0]
+
         async def connect(n: int) -> None:
             c = await lg.connect(n, 256, 120 + n / 100)
-            if c["failed"]:
-                raise RuntimeError(f"{c['failed']} streams failed to open")
+            logger.info("open streams: %d (failed %d)", c["open"], c["failed"])
+            if c["failed"] or c["open"] < opened[0] + n:
+                raise RuntimeError(
+                    f"{n} more streams asked, {c['open']} open, {c['failed']} failed"
+                )
+            opened[0] = c["open"]
             await asyncio.sleep(1.0)
             gc.collect()
 

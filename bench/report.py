@@ -202,7 +202,7 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    colors = {"taskstream": "tab:blue", "polling": "tab:red"}
+    colors = {"taskstream": "tab:blue", "polling": "tab:red", "baseline": "tab:gray"}
     lat_scen = [
         s
         for s in ("many_tasks", "fanout", "max_rate")

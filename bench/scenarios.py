@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.config import BenchConfig
+from bench.config import SERVERS, BenchConfig
 from bench.database import BenchDatabase
 from bench.loadgen import LoadGen, WorkerJob
 from bench.procs import ProcTree, ServerProcess, free_port
@@ -89,9 +89,13 @@ def _server(ctx: Context, target: str, port: int) -> ServerProcess:
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
     )
     log = ctx.out / "logs" / f"{ctx.run_index:02d}-{target}.log"
-    if target == "taskstream":
+    if target == "baseline":
+        # The same command from another source tree: its `server` package comes first.
+        assert cfg.baseline is not None
+        env["PYTHONPATH"] = os.pathsep.join([str(cfg.baseline), env["PYTHONPATH"]])
+    if target in SERVERS:
         argv = [
-            *taskstream_command(),
+            *(taskstream_command() if target == "taskstream" else [sys.executable, "-m", "server"]),
             "serve",
             "--host",
             HOST,
@@ -115,7 +119,10 @@ def _server(ctx: Context, target: str, port: int) -> ServerProcess:
             "--backlog",
             "4096",
         ]
-    return ServerProcess(target, argv, env, port, log)
+    # `python -m` puts the working directory first on sys.path: the baseline runs from its tree.
+    return ServerProcess(
+        target, argv, env, port, log, cwd=cfg.baseline if target == "baseline" else None
+    )
 
 
 def listen_overflows() -> float:
@@ -228,7 +235,7 @@ class Run:
         tasks = sorted(set(assignments))
         await self.ctx.db.reset_tasks(tasks)
         self.server = _server(self.ctx, self.target, free_port())
-        ready = "ready" if self.target == "taskstream" else None
+        ready = "ready" if self.target in SERVERS else None
         await self.server.start(ready, cfg.server_workers)
         procs = cfg.procs_for(len(assignments))
         # A fresh /24 per run: no TIME_WAIT left by an earlier run can collide.
@@ -273,7 +280,7 @@ class Run:
 
     def grace(self) -> float:
         # Polling needs up to one interval (plus queueing) to see the last change.
-        return 0.5 if self.target == "taskstream" else 2.5
+        return 0.5 if self.target in SERVERS else 2.5
 
 
 def _check_terminals(res: RunResult, fin: dict[str, Any]) -> None:
@@ -524,6 +531,6 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
         code = await run.stop()
         res.metrics["server_exit_code"] = code
         res.metrics["run_seconds"] = time.monotonic() - t0
-        if code not in (0, None) and target == "taskstream":
+        if code not in (0, None) and target in SERVERS:
             res.problems.append(f"{target} exited with code {code} on SIGTERM")
     return res
