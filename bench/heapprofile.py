@@ -87,7 +87,7 @@ def _innermost_app_frame(frames: list[tracemalloc.Frame]) -> tracemalloc.Frame |
         name = frame.filename
         if name.startswith(_STDLIB) and "site-packages" not in name:
             continue
-        if name.startswith("<") or name.endswith(("uvloop/__init__.py", "bench/heapprofile.py")):
+        if name.startswith("<") or name.endswith("uvloop/__init__.py") or "/bench/" in name:
             continue  # the runner's frames: the allocation came from the loop's C code
         return frame
     return None
