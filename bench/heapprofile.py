@@ -68,7 +68,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "HTTP state (h11, h2, Hypercorn protocol)",
-        ("/h11/", "/h2/", "/hpack/", "/hypercorn/protocol/"),
+        ("/h11/", "/h2/", "/hpack/", "/hyperframe/", "/hypercorn/protocol/"),
     ),
     ("connection (Hypercorn TCPServer, task group)", ("/hypercorn/",)),
 )
