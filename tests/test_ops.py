@@ -120,10 +120,15 @@ async def test_conflated_states_are_counted(
     server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
 ) -> None:
     await create_task(sql, "t1")
-    # A multi-task stream: a single-task stream whose socket has drained writes each state on the
-    # spot (server/stream/session.py, direct_write) and conflates only for a slow client.
+    # Over HTTP/2 (h2c): an HTTP/1.1 stream whose socket has drained writes each state on the spot
+    # (server/stream/session.py, direct_write) and conflates only for a slow client; an HTTP/2
+    # stream always takes the mailbox, where states that arrive together are conflated.
     url = f"{server.url}/api/v1/sse/tasks?ids=t1"
-    async with open_stream(client, url, token=server.token()) as s:
+    async with (
+        httpx.AsyncClient(http1=False, http2=True, timeout=10) as h2c,
+        open_stream(h2c, url, token=server.token()) as s,
+    ):
+        assert s.response.http_version == "HTTP/2"
         await s.next()
         before = await scrape(client, server.url)
         # One transaction: its three notifications arrive together, before the stream runs, so
