@@ -8,6 +8,7 @@ postmaster pid (for CPU accounting of PostgreSQL processes).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +23,11 @@ __all__ = ["BenchDatabase", "DbCounters"]
 
 logger = logging.getLogger(__name__)
 
-BENCH_DB = "taskstream_bench"
+# BENCH_DATABASE_NAME: another name, so that two benches on one PostgreSQL server do not drop
+# each other's database.
+BENCH_DB = os.environ.get("BENCH_DATABASE_NAME") or "taskstream_bench"
+if not BENCH_DB.replace("_", "").isalnum():
+    raise SystemExit(f"BENCH_DATABASE_NAME must be letters, digits and _ (got {BENCH_DB!r})")
 
 
 def _with_database(url: str, dbname: str) -> str:

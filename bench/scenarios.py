@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.config import BenchConfig
+from bench.config import SERVERS, BenchConfig
 from bench.database import BenchDatabase
 from bench.loadgen import LoadGen, WorkerJob
 from bench.procs import ProcTree, ServerProcess, free_port
@@ -53,11 +53,22 @@ class RunResult:
     scenario: str
     target: str
     streams: int
+    workers: int = 0
+    http: str = "http1"
+    # Set when a run sweeps workers or HTTP versions: the label then names them.
+    variant: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     latencies_ms: np.ndarray | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The target, with the worker count and HTTP version when the run varies them."""
+        if not self.variant:
+            return self.target
+        return f"{self.target} w{self.workers} {self.http}"
 
 
 def taskstream_command() -> list[str]:
@@ -78,9 +89,13 @@ def _server(ctx: Context, target: str, port: int) -> ServerProcess:
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
     )
     log = ctx.out / "logs" / f"{ctx.run_index:02d}-{target}.log"
-    if target == "taskstream":
+    if target == "baseline":
+        # The same command from another source tree: its `server` package comes first.
+        assert cfg.baseline is not None
+        env["PYTHONPATH"] = os.pathsep.join([str(cfg.baseline), env["PYTHONPATH"]])
+    if target in SERVERS:
         argv = [
-            *taskstream_command(),
+            *(taskstream_command() if target == "taskstream" else [sys.executable, "-m", "server"]),
             "serve",
             "--host",
             HOST,
@@ -104,7 +119,10 @@ def _server(ctx: Context, target: str, port: int) -> ServerProcess:
             "--backlog",
             "4096",
         ]
-    return ServerProcess(target, argv, env, port, log)
+    # `python -m` puts the working directory first on sys.path: the baseline runs from its tree.
+    return ServerProcess(
+        target, argv, env, port, log, cwd=cfg.baseline if target == "baseline" else None
+    )
 
 
 def listen_overflows() -> float:
@@ -217,7 +235,7 @@ class Run:
         tasks = sorted(set(assignments))
         await self.ctx.db.reset_tasks(tasks, groups=groups)
         self.server = _server(self.ctx, self.target, free_port())
-        ready = "ready" if self.target == "taskstream" else None
+        ready = "ready" if self.target in SERVERS else None
         await self.server.start(ready, cfg.server_workers)
         procs = cfg.procs_for(len(assignments))
         # A fresh /24 per run: no TIME_WAIT left by an earlier run can collide.
@@ -230,6 +248,7 @@ class Run:
                 self.ctx.secret,
                 assignments[w::procs],
                 group_streams=groups,
+                http2=cfg.http == "h2c",
             )
             for w in range(procs)
         ]
@@ -262,7 +281,7 @@ class Run:
 
     def grace(self) -> float:
         # Polling needs up to one interval (plus queueing) to see the last change.
-        return 0.5 if self.target == "taskstream" else 2.5
+        return 0.5 if self.target in SERVERS else 2.5
 
 
 def _check_terminals(res: RunResult, fin: dict[str, Any]) -> None:
@@ -512,7 +531,8 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
     streams = cfg.connections
     if scenario == "max_rate":
         streams = min(cfg.connections, cfg.max_rate_streams)
-    res = RunResult(scenario, target, streams)
+    res = RunResult(scenario, target, streams, workers=cfg.server_workers, http=cfg.http)
+    res.variant = len(cfg.workers_sweep) > 1 or len(cfg.http_versions) > 1
     run = Run(ctx, scenario, target)
     t0 = time.monotonic()
     try:
@@ -524,6 +544,6 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
         code = await run.stop()
         res.metrics["server_exit_code"] = code
         res.metrics["run_seconds"] = time.monotonic() - t0
-        if code not in (0, None) and target == "taskstream":
+        if code not in (0, None) and target in SERVERS:
             res.problems.append(f"{target} exited with code {code} on SIGTERM")
     return res

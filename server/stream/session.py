@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from server import metrics
 from server.auth import Principal
-from server.hypercorn_internals import Connection, chunk, progress_chunk
+from server.hypercorn_internals import Connection, frame_chunk, progress_chunk
 from server.runtime import Runtime
 from server.stream import encoder
 from server.stream.encoder import END_OF_STREAM_ID
@@ -27,7 +27,7 @@ from server.tasks import TaskState
 __all__ = ["StreamSession", "direct_write", "run", "single_event"]
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamSession:
     """What one open stream needs to remember between events."""
 
@@ -128,40 +128,44 @@ async def single_event(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
 def direct_write(
     stream: StreamSession, transport: asyncio.WriteTransport
 ) -> Callable[[TaskState], bool]:
-    """Write a single-task (or group) stream's ``progress`` events to its socket from the
-    registry's dispatch.
+    """Write a stream's ``progress`` events to its socket from the registry's dispatch.
 
     The ordinary path wakes the stream's task, which hands the event to Quart, Hypercorn and h11
     before it reaches the socket. With one update watched by thousands of streams that path was
     most of the CPU per watcher beyond the ``send()`` system call itself (bench fan-out profile).
-    Here the event, already framed as an HTTP/1.1 chunk once per state, is written on the spot.
+    Here the event is framed as an HTTP/1.1 chunk and written on the spot: for a single-task
+    stream the chunk is made once per state, whatever the number of watchers; a multi-task (or
+    group) stream's event carries its own resume id, so it is made per stream, exactly as the
+    mailbox path would make it.
 
     The mailbox calls this only while the stream is parked in ``wait()`` with nothing pending, so
     nothing the stream still has to write can be overtaken. It declines (returns False, and the
     mailbox path takes over with its conflation and the send timeout) for terminal states and
-    deletions, which end the stream, and whenever the socket has not drained what it was given:
-    a slow client never gets more than the kernel accepts. It never sees another owner's state:
-    :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
+    deletions, which end the stream or one of its tasks, and whenever the socket has not drained
+    what it was given: a slow client never gets more than the kernel accepts. It never sees
+    another owner's state: :meth:`Subscription.offer` turns a task given to someone else into
+    its deletion first.
     """
     sub = stream.lease.sub
     assert sub is not None
     open_ids = stream.open_ids
+    owner_wide = stream.owner_wide
+    multi = stream.multi
     tally = metrics.TALLY
     progress_event = encoder.progress_event
-    # A group stream's event carries the stream's own resume id: framed per stream, not cached.
-    group = stream.group_id is not None
 
     def write(state: TaskState) -> bool:
-        if state.terminal or state.deleted or state.id not in open_ids:
+        if state.terminal or state.deleted or not (owner_wide or state.id in open_ids):
             return False
         if transport.is_closing() or transport.get_write_buffer_size():
             return False
-        if group:
+        if multi:
+            # Marked first: the event's resume id lists the versions handed over, this one too.
             sub.mark_sent(state)
-            transport.write(chunk(encoder.multi_progress_event(state, stream.resume_id())))
+            transport.write(frame_chunk(stream.progress(state)))
         else:
             transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
-        sub.mark_sent(state)
+            sub.mark_sent(state)
         tally.count_sent("progress")
         tally.direct_writes += 1
         observe_push((state,))
@@ -188,9 +192,8 @@ async def run(stream: StreamSession) -> AsyncIterator[bytes]:
         # Quart, Hypercorn and h11, which dominates fan-out to thousands of streams.
         yield b"".join([encoder.retry_field(settings.retry_ms), *stream.preamble])
         stream.count_sent("retry")
-        # The response has started: from now on, progress may go straight to the socket (one
-        # task's stream, or a group's; not the multi-task and owner-wide ones).
-        if stream.connection is not None and (not stream.multi or stream.group_id is not None):
+        # The response has started: from now on, progress may go straight to the socket.
+        if stream.connection is not None:
             transport = stream.connection.chunked_transport()
             if transport is not None:
                 sub.attach_direct(direct_write(stream, transport))
