@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.config import (
+    HTTP_VERSIONS,
     SCENARIOS,
     TARGETS,
     TASKSTREAM_ONLY,
@@ -25,7 +26,7 @@ from bench.config import (
 )
 from bench.database import BenchDatabase
 from bench.loadgen import raise_nofile
-from bench.report import machine, plots, table, write_json
+from bench.report import group_side_by_side, machine, plots, table, write_json
 from bench.scenarios import Context, RunResult, run_scenario, taskstream_command
 
 __all__ = ["main"]
@@ -51,6 +52,16 @@ def _rates(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"comma-separated numbers, got {text!r}") from None
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        items = ()
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"positive whole numbers, comma-separated; got {text!r}")
+    return items
+
+
 def _parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -69,12 +80,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--targets", type=_csv(TARGETS), help=f"subset of {','.join(TARGETS)}")
     r.add_argument("--out", type=Path, help="results directory (default bench/results)")
     r.add_argument(
+        "--baseline",
+        type=Path,
+        help="a source tree of another commit (e.g. `git worktree add /tmp/main main`): adds "
+        "the target 'baseline', taskstream served from there, run back to back with this one",
+    )
+    r.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL"),
         help="a PostgreSQL server to create the database taskstream_bench on "
         "(default: $BENCH_DATABASE_URL, else an embedded PostgreSQL)",
     )
-    r.add_argument("--workers", type=int, help=f"server workers (default {d.server_workers})")
+    r.add_argument(
+        "--workers",
+        type=_counts,
+        help=f"server workers (default {d.server_workers}); a list (1,2,3) runs every "
+        "scenario once per count",
+    )
+    r.add_argument(
+        "--http",
+        type=_csv(HTTP_VERSIONS),
+        help="how the load generator speaks: http1 (default), h2c (HTTP/2 without TLS, "
+        "prior knowledge), or both (http1,h2c: every scenario once per version)",
+    )
     r.add_argument("--client-procs", type=int, help="load-generator processes (default: auto)")
     r.add_argument("--idle-seconds", type=float, help=f"idle window (default {d.idle_seconds:g})")
     r.add_argument(
@@ -100,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", action="store_true", help="py-spy the taskstream server")
     r.add_argument("--keep-db", action="store_true", help="keep taskstream_bench afterwards")
     r.add_argument("-v", "--verbose", action="store_true")
+    from bench import heapprofile
+
+    heapprofile.add_parser(sub)
     return p
 
 
@@ -115,7 +146,6 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         "targets": "targets",
         "out": "out",
         "database_url": "database_url",
-        "workers": "server_workers",
         "client_procs": "client_procs",
         "idle_seconds": "idle_seconds",
         "max_rate_streams": "max_rate_streams",
@@ -128,13 +158,28 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         "connect_concurrency": "connect_concurrency",
         "heartbeat": "heartbeat",
         "writer_synchronous_commit": "synchronous_commit",
+        "baseline": "baseline",
     }
     changes = {
         field: getattr(args, arg)
         for arg, field in mapping.items()
         if getattr(args, arg) is not None
     }
+    if args.workers is not None:
+        changes["server_workers"] = args.workers[0]
+        changes["workers_sweep"] = args.workers
+    if args.http is not None:
+        changes["http_versions"] = args.http
+        changes["http"] = args.http[0]
     cfg = dataclasses.replace(cfg, **changes, profile=args.profile, keep_db=args.keep_db)
+    if "baseline" in cfg.targets and cfg.baseline is None:
+        raise SystemExit("the target 'baseline' needs --baseline DIR")
+    if cfg.baseline is not None:
+        if not (cfg.baseline / "server" / "__main__.py").is_file():
+            raise SystemExit(f"--baseline {cfg.baseline}: no server/ package there")
+        cfg = dataclasses.replace(cfg, baseline=cfg.baseline.resolve())
+        if "baseline" not in cfg.targets:
+            cfg = dataclasses.replace(cfg, targets=("baseline", *cfg.targets))
     if cfg.connections < 1 or cfg.rate <= 0 or cfg.duration <= 0:
         raise SystemExit("--connections, --rate and --duration must be positive")
     return cfg
@@ -161,22 +206,36 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
         secret = secrets.token_urlsafe(32)
         await asyncio.get_running_loop().run_in_executor(None, _migrate, db.url, secret)
         ctx = Context(cfg, db, secret, out)
+        variants = [
+            dataclasses.replace(cfg, server_workers=w, http=h)
+            for w in (cfg.workers_sweep or (cfg.server_workers,))
+            for h in cfg.http_versions
+        ]
         for scenario in cfg.scenarios:
             for target in cfg.targets:
-                if scenario in TASKSTREAM_ONLY and target != "taskstream":
+                if scenario in TASKSTREAM_ONLY and target == "polling":
                     continue
-                logger.info("== %s / %s ==", scenario, target)
-                res = await run_scenario(ctx, scenario, target)
-                ctx.run_index += 1
-                results.append(res)
-                logger.info(
-                    "%s / %s: %s",
-                    scenario,
-                    target,
-                    {k: v for k, v in res.metrics.items() if not isinstance(v, dict)},
-                )
-                for p in res.problems:
-                    logger.error("%s / %s: %s", scenario, target, p)
+                for variant in variants:
+                    ctx.cfg = variant
+                    logger.info(
+                        "== %s / %s (%d workers, %s) ==",
+                        scenario,
+                        target,
+                        variant.server_workers,
+                        variant.http,
+                    )
+                    res = await run_scenario(ctx, scenario, target)
+                    ctx.run_index += 1
+                    results.append(res)
+                    logger.info(
+                        "%s / %s: %s",
+                        scenario,
+                        res.label,
+                        {k: v for k, v in res.metrics.items() if not isinstance(v, dict)},
+                    )
+                    for p in res.problems:
+                        logger.error("%s / %s: %s", scenario, res.label, p)
+        ctx.cfg = cfg
         meta = {
             **machine(),
             "postgresql": db.server_version,
@@ -188,6 +247,10 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
         }
         print()
         print(table(results))
+        side = group_side_by_side(results)
+        if side:
+            print()
+            print(side)
         cfg_doc = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in dataclasses.asdict(cfg).items()
@@ -204,6 +267,11 @@ async def _run(cfg: BenchConfig) -> list[RunResult]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "heap":
+        from bench import heapprofile
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        return heapprofile.main(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -6,12 +6,33 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["SCENARIOS", "TARGETS", "TASKSTREAM_ONLY", "BenchConfig", "smoke"]
+__all__ = [
+    "HTTP_VERSIONS",
+    "SCENARIOS",
+    "SERVERS",
+    "TARGETS",
+    "TASKSTREAM_ONLY",
+    "BenchConfig",
+    "smoke",
+]
 
-SCENARIOS = ("many_tasks", "fanout", "connect_storm", "idle", "max_rate", "update_rate")
-# Scenarios that compare ways of writing on taskstream alone (no polling counterpart).
-TASKSTREAM_ONLY = ("update_rate",)
-TARGETS = ("taskstream", "polling")
+SCENARIOS = (
+    "many_tasks",
+    "group_stream",
+    "fanout",
+    "connect_storm",
+    "idle",
+    "max_rate",
+    "update_rate",
+)
+# Scenarios the polling baseline has no counterpart for (update_rate compares ways of writing
+# on taskstream alone).
+TASKSTREAM_ONLY = frozenset({"group_stream", "update_rate"})
+# "baseline" is taskstream served from another source tree (--baseline DIR), e.g. main's.
+TARGETS = ("taskstream", "polling", "baseline")
+SERVERS = ("taskstream", "baseline")
+# How the load generator speaks: HTTP/1.1, or HTTP/2 in cleartext with prior knowledge.
+HTTP_VERSIONS = ("http1", "h2c")
 
 DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)
 UPDATE_MODE_NAMES = ("api_unbatched", "api_batched", "api_bulk", "reporter")
@@ -26,10 +47,17 @@ class BenchConfig:
     rate: float = 500.0
     duration: float = 30.0
     scenarios: tuple[str, ...] = SCENARIOS
-    targets: tuple[str, ...] = TARGETS
+    targets: tuple[str, ...] = ("taskstream", "polling")
+    # The source tree the "baseline" target serves from (a checkout of another commit).
+    baseline: Path | None = None
     out: Path = field(default_factory=lambda: Path(__file__).resolve().parent / "results")
     database_url: str | None = None
     server_workers: int = 2
+    # Run every scenario once per worker count (--workers 1,2,3); empty: server_workers only.
+    workers_sweep: tuple[int, ...] = ()
+    # Run every scenario once per HTTP version (--http http1,h2c); the one being run is `http`.
+    http_versions: tuple[str, ...] = ("http1",)
+    http: str = "http1"
     client_procs: int = 0  # 0: enough processes to stay well under the per-process fd limit
     users: int = 100
     connect_concurrency: int = 512

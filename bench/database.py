@@ -8,6 +8,7 @@ postmaster pid (for CPU accounting of PostgreSQL processes).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,7 +23,11 @@ __all__ = ["BenchDatabase", "DbCounters"]
 
 logger = logging.getLogger(__name__)
 
-BENCH_DB = "taskstream_bench"
+# BENCH_DATABASE_NAME: another name, so that two benches on one PostgreSQL server do not drop
+# each other's database.
+BENCH_DB = os.environ.get("BENCH_DATABASE_NAME") or "taskstream_bench"
+if not BENCH_DB.replace("_", "").isalnum():
+    raise SystemExit(f"BENCH_DATABASE_NAME must be letters, digits and _ (got {BENCH_DB!r})")
 
 
 def _with_database(url: str, dbname: str) -> str:
@@ -110,16 +115,19 @@ class BenchDatabase:
             raise RuntimeError("database is closed")
         return self._admin
 
-    async def reset_tasks(self, tasks: list[tuple[str, str]]) -> None:
-        """Empty the table and insert ``(id, owner)`` rows with plain SQL."""
+    async def reset_tasks(self, tasks: list[tuple[str, str]], *, groups: bool = False) -> None:
+        """Empty the table and insert ``(id, owner)`` rows with plain SQL; with ``groups``, each
+        task in a group of its own, named like it."""
         conn = await asyncpg.connect(self.url)
         try:
-            await conn.execute("TRUNCATE taskstream.tasks")
+            await conn.execute("TRUNCATE taskstream.tasks, taskstream.groups")
             await conn.execute(
-                "INSERT INTO taskstream.tasks(id, owner_id) "
-                "SELECT * FROM unnest($1::text[], $2::text[])",
+                "INSERT INTO taskstream.tasks(id, owner_id, group_id) "
+                "SELECT t, o, CASE WHEN $3 THEN t END"
+                " FROM unnest($1::text[], $2::text[]) AS x(t, o)",
                 [t for t, _ in tasks],
                 [o for _, o in tasks],
+                groups,
             )
             await conn.execute("VACUUM ANALYZE taskstream.tasks")
         finally:

@@ -19,7 +19,7 @@ from datetime import datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.sse_client import SSEStream, Tally, build_request
+from bench.sse_client import H2SSEStream, SSEStream, Tally, build_h2_headers, build_request
 from bench.tokens import mint
 
 __all__ = ["LoadGen", "WorkerJob", "raise_nofile"]
@@ -45,6 +45,10 @@ class WorkerJob:
     secret: str
     assignments: list[tuple[str, str]]
     expect_state: str = "success"
+    # Open each stream on the group of the same name (group_stream) instead of on the task.
+    group_streams: bool = False
+    # HTTP/2 in cleartext with prior knowledge (h2c), one connection per stream.
+    http2: bool = False
 
 
 def _stamp_epoch(stamp: bytes, cache: dict[bytes, float]) -> float:
@@ -65,12 +69,24 @@ class _Worker:
         self.cache: dict[bytes, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def _request(self, task_id: str, owner: str) -> bytes:
+    def _token(self, owner: str) -> str:
         tok = self.tokens.get(owner)
         if tok is None:
             tok = mint(self.job.secret, owner, ttl=7200).encode()
             self.tokens[owner] = tok
-        return build_request(self.job.host, self.job.port, task_id, tok.decode())
+        return tok.decode()
+
+    def _stream(self, task_id: str, owner: str, state: bytes) -> SSEStream:
+        job = self.job
+        if job.http2:
+            headers = build_h2_headers(
+                job.host, job.port, task_id, self._token(owner), group=job.group_streams
+            )
+            return H2SSEStream(self.tally, headers, state)
+        request = build_request(
+            job.host, job.port, task_id, self._token(owner), group=job.group_streams
+        )
+        return SSEStream(self.tally, request, state)
 
     async def _open(self, stream: SSEStream, sem: asyncio.Semaphore) -> None:
         loop = asyncio.get_running_loop()
@@ -108,7 +124,7 @@ class _Worker:
         t0 = time.time()
         for i in range(begin, end):
             task_id, owner = self.job.assignments[i]
-            s = SSEStream(self.tally, self._request(task_id, owner), state)
+            s = self._stream(task_id, owner, state)
             self.streams.append(s)
             task = asyncio.create_task(self._open(s, sem))
             self.tasks.add(task)

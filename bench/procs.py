@@ -68,8 +68,17 @@ class ProcTree:
 class ServerProcess:
     """A server under test, started in its own session so it can be stopped as a group."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        port: int,
+        log: Path,
+        cwd: Path | None = None,
+    ):
         self.name = name
+        self.cwd = cwd
         self.argv = argv
         self.env = env
         self.port = port
@@ -90,6 +99,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(  # noqa: ASYNC220
                 self.argv,
                 env=self.env,
+                cwd=self.cwd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

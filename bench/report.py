@@ -13,7 +13,7 @@ import psutil
 
 from bench.scenarios import RunResult
 
-__all__ = ["machine", "plots", "ratios", "table", "write_json"]
+__all__ = ["group_side_by_side", "machine", "plots", "ratios", "table", "write_json"]
 
 
 def machine() -> dict[str, Any]:
@@ -74,7 +74,7 @@ def _row(r: RunResult) -> list[str]:
     else:
         m["_delivered"] = f"{m.get('delivered', 0):,}/-"
     m["_terminal"] = f"{m.get('terminal_received', 0):,}/{m.get('terminal_expected', r.streams):,}"
-    return [r.scenario, r.target] + [_fmt(m.get(key), d) for _, key, d in COLUMNS]
+    return [r.scenario, r.label] + [_fmt(m.get(key), d) for _, key, d in COLUMNS]
 
 
 def update_rate_table(r: RunResult) -> str:
@@ -130,24 +130,24 @@ def table(results: list[RunResult]) -> str:
     for r in results:
         if r.scenario == "connect_storm":
             extra.append(
-                f"{r.target} connect storm: latency columns are time to the initial event "
+                f"{r.label} connect storm: latency columns are time to the initial event "
                 f"(connect + auth + initial state); kernel listen-queue overflows: "
                 f"{_fmt(r.metrics.get('listen_overflows'), 0)}"
             )
         if r.scenario == "max_rate":
             extra.append(
-                f"{r.target} max rate with p99 <= 50 ms: "
+                f"{r.label} max rate with p99 <= 50 ms: "
                 f"{_fmt(r.metrics.get('max_rate_p99_ok'), 0)}/s; "
                 f"stopped: {r.metrics.get('max_rate_stop')}"
             )
         if r.scenario == "fanout" and "all_watchers_reached_ms" in r.metrics:
             extra.append(
-                f"{r.target} fan-out: one update reached all {r.streams:,} watchers in "
+                f"{r.label} fan-out: one update reached all {r.streams:,} watchers in "
                 f"<= {r.metrics['all_watchers_reached_ms']:.1f} ms (worst update)"
             )
         if r.scenario == "idle":
             extra.append(
-                f"{r.target} idle {r.metrics.get('window_s', 0):.0f}s with "
+                f"{r.label} idle {r.metrics.get('window_s', 0):.0f}s with "
                 f"{_fmt(r.metrics.get('open_streams'), 0)} streams: server "
                 f"{_fmt(r.metrics.get('server_cpu_pct'))}% CPU, PostgreSQL "
                 f"{_fmt(r.metrics.get('pg_cpu_pct'))}% CPU, "
@@ -157,7 +157,7 @@ def table(results: list[RunResult]) -> str:
         if r.scenario == "update_rate":
             extra.append(update_rate_table(r))
         for p in r.problems:
-            extra.append(f"PROBLEM {r.scenario}/{r.target}: {p}")
+            extra.append(f"PROBLEM {r.scenario}/{r.label}: {p}")
     for scenario, rat in ratios(results).items():
         parts = [f"{k} {v:,.1f}x" for k, v in rat.items()]
         extra.append(f"polling / taskstream, {scenario}: " + ", ".join(parts))
@@ -168,7 +168,7 @@ def ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
     """polling / taskstream for latency, DB queries/s and CPU, per scenario."""
     by: dict[str, dict[str, RunResult]] = {}
     for r in results:
-        by.setdefault(r.scenario, {})[r.target] = r
+        by.setdefault(r.scenario, {})[r.label] = r
     out: dict[str, dict[str, float]] = {}
     keys = {
         "p50 latency": "p50_ms",
@@ -193,6 +193,30 @@ def ratios(results: list[RunResult]) -> dict[str, dict[str, float]]:
     return out
 
 
+def group_side_by_side(results: list[RunResult]) -> str:
+    """The group stream beside the per-task stream at the same load (taskstream only): latency
+    percentiles, server CPU and the group / per-task ratio (target: within 10 %)."""
+    by = {r.scenario: r for r in results if r.target == "taskstream"}
+    per_task, group = by.get("many_tasks"), by.get("group_stream")
+    if per_task is None or group is None:
+        return ""
+    lines = [
+        "group stream vs per-task stream, same tasks, streams and update rate:",
+        f"  {'':12}{'per-task':>12}{'group':>12}{'group/per-task':>16}",
+    ]
+    for label, key in (
+        ("p50 ms", "p50_ms"),
+        ("p95 ms", "p95_ms"),
+        ("p99 ms", "p99_ms"),
+        ("max ms", "max_ms"),
+        ("srv CPU s", "server_cpu_s"),
+    ):
+        a, b = per_task.metrics.get(key), group.metrics.get(key)
+        ratio = f"{b / a:.2f}x" if isinstance(a, float) and isinstance(b, float) and a > 0 else "-"
+        lines.append(f"  {label:12}{_fmt(a, 2):>12}{_fmt(b, 2):>12}{ratio:>16}")
+    return "\n".join(lines)
+
+
 def _cdf_points(values: np.ndarray, n: int = 201) -> list[list[float]]:
     if values.size == 0:
         return []
@@ -214,6 +238,9 @@ def write_json(
             {
                 "scenario": r.scenario,
                 "target": r.target,
+                "label": r.label,
+                "workers": r.workers,
+                "http": r.http,
                 "streams": r.streams,
                 "metrics": r.metrics,
                 "problems": r.problems,
@@ -235,7 +262,7 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    colors = {"taskstream": "tab:blue", "polling": "tab:red"}
+    colors = {"taskstream": "tab:blue", "polling": "tab:red", "baseline": "tab:gray"}
     lat_scen = [
         s
         for s in ("many_tasks", "fanout", "max_rate")
@@ -253,7 +280,7 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
                     continue
                 v = np.sort(np.clip(r.latencies_ms, 1e-3, None))
                 y = np.arange(1, v.size + 1) / v.size
-                label = f"{r.target} (p50 {np.percentile(v, 50):.1f} ms)"
+                label = f"{r.label} (p50 {np.percentile(v, 50):.1f} ms)"
                 ax.plot(v, y, color=colors.get(r.target), label=label)
             ax.set_xscale("log")
             ax.set_xlabel("commit-to-receive latency (ms, log)")
@@ -284,14 +311,14 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
                 [c["server_rss_mb"] - base for c in r.curve],
                 "o-",
                 color=colors.get(r.target),
-                label=r.target,
+                label=r.label,
             )
             ax2.plot(
                 x,
                 [c["server_cpu_pct"] for c in r.curve],
                 "o-",
                 color=colors.get(r.target),
-                label=f"{r.target} server",
+                label=f"{r.label} server",
             )
             ax2.plot(
                 x,
@@ -299,14 +326,14 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
                 "s--",
                 color=colors.get(r.target),
                 alpha=0.6,
-                label=f"{r.target} PostgreSQL",
+                label=f"{r.label} PostgreSQL",
             )
             ax3.plot(
                 x,
                 [c["db_queries_per_s"] for c in r.curve],
                 "o-",
                 color=colors.get(r.target),
-                label=r.target,
+                label=r.label,
             )
         ax1.set_title("server RSS growth vs open streams")
         ax1.set_ylabel("MiB above 0 streams")
@@ -333,7 +360,7 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
                 [s.get("p99_ms", np.nan) for s in r.steps],
                 "o-",
                 color=colors.get(r.target),
-                label=f"{r.target} p99",
+                label=f"{r.label} p99",
             )
             ax.plot(
                 [s["rate"] for s in r.steps],
@@ -341,7 +368,7 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
                 "s--",
                 color=colors.get(r.target),
                 alpha=0.6,
-                label=f"{r.target} p50",
+                label=f"{r.label} p50",
             )
         ax.axhline(50, color="gray", ls=":", label="50 ms")
         ax.set_yscale("log")

@@ -1,4 +1,4 @@
-"""The five scenarios, each run against one target (taskstream or the polling baseline).
+"""The six scenarios, each run against one target (taskstream or the polling baseline).
 
 A run owns a fresh server process and fresh load-generator processes, so memory figures
 of one scenario do not inherit the heap of another.
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bench.apiwriter import ApiWriter, ReporterWriter
-from bench.config import BenchConfig
+from bench.config import SERVERS, BenchConfig
 from bench.database import BenchDatabase
 from bench.loadgen import LoadGen, WorkerJob
 from bench.procs import ProcTree, ServerProcess, free_port
@@ -55,11 +55,22 @@ class RunResult:
     scenario: str
     target: str
     streams: int
+    workers: int = 0
+    http: str = "http1"
+    # Set when a run sweeps workers or HTTP versions: the label then names them.
+    variant: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     latencies_ms: np.ndarray | None = None
     curve: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The target, with the worker count and HTTP version when the run varies them."""
+        if not self.variant:
+            return self.target
+        return f"{self.target} w{self.workers} {self.http}"
 
 
 def taskstream_command() -> list[str]:
@@ -83,9 +94,13 @@ def _server(
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
     )
     log = ctx.out / "logs" / f"{ctx.run_index:02d}-{target}.log"
-    if target == "taskstream":
+    if target == "baseline":
+        # The same command from another source tree: its `server` package comes first.
+        assert cfg.baseline is not None
+        env["PYTHONPATH"] = os.pathsep.join([str(cfg.baseline), env["PYTHONPATH"]])
+    if target in SERVERS:
         argv = [
-            *taskstream_command(),
+            *(taskstream_command() if target == "taskstream" else [sys.executable, "-m", "server"]),
             "serve",
             "--host",
             HOST,
@@ -109,7 +124,10 @@ def _server(
             "--backlog",
             "4096",
         ]
-    return ServerProcess(target, argv, env, port, log)
+    # `python -m` puts the working directory first on sys.path: the baseline runs from its tree.
+    return ServerProcess(
+        target, argv, env, port, log, cwd=cfg.baseline if target == "baseline" else None
+    )
 
 
 def listen_overflows() -> float:
@@ -219,12 +237,12 @@ class Run:
         # Extra environment of the server process (update_rate turns write batching off).
         self.server_env: dict[str, str] = {}
 
-    async def start(self, assignments: list[tuple[str, str]]) -> None:
+    async def start(self, assignments: list[tuple[str, str]], *, groups: bool = False) -> None:
         cfg = self.cfg
         tasks = sorted(set(assignments))
-        await self.ctx.db.reset_tasks(tasks)
+        await self.ctx.db.reset_tasks(tasks, groups=groups)
         self.server = _server(self.ctx, self.target, free_port(), self.server_env)
-        ready = "ready" if self.target == "taskstream" else None
+        ready = "ready" if self.target in SERVERS else None
         await self.server.start(ready, cfg.server_workers)
         procs = cfg.procs_for(len(assignments))
         # A fresh /24 per run: no TIME_WAIT left by an earlier run can collide.
@@ -236,6 +254,8 @@ class Run:
                 f"127.0.{net}.{2 + w}",
                 self.ctx.secret,
                 assignments[w::procs],
+                group_streams=groups,
+                http2=cfg.http == "h2c",
             )
             for w in range(procs)
         ]
@@ -268,7 +288,7 @@ class Run:
 
     def grace(self) -> float:
         # Polling needs up to one interval (plus queueing) to see the last change.
-        return 0.5 if self.target == "taskstream" else 2.5
+        return 0.5 if self.target in SERVERS else 2.5
 
 
 def _check_terminals(res: RunResult, fin: dict[str, Any]) -> None:
@@ -304,11 +324,22 @@ def _many(n: int, users: int) -> list[tuple[str, str]]:
 
 
 async def many_tasks(run: Run, res: RunResult) -> None:
+    await _many_streams(run, res, groups=False)
+
+
+async def group_stream(run: Run, res: RunResult) -> None:
+    """many_tasks with every stream on a group stream instead (each task in a group of its own):
+    the same tasks, rate and streams, through the group path (group index, group resume id,
+    no direct write)."""
+    await _many_streams(run, res, groups=True)
+
+
+async def _many_streams(run: Run, res: RunResult, *, groups: bool) -> None:
     cfg = run.cfg
     n = res.streams
     assignments = _many(n, cfg.users)
     task_ids = [t for t, _ in assignments]
-    await run.start(assignments)
+    await run.start(assignments, groups=groups)
     rss0 = run.m.server.sample().rss
     c = await run.lg.connect(n, cfg.connect_concurrency, run.connect_timeout(n))
     res.metrics.update(_connect_metrics(c))
@@ -317,7 +348,7 @@ async def many_tasks(run: Run, res: RunResult) -> None:
     res.metrics["rss_per_stream_kb"] = (rss1 - rss0) / max(c["open"], 1) / 1024
     res.metrics["server_rss_mb_idle"] = rss0 / 2**20
     a = await run.m.snap()
-    async with Profiler.maybe(run, "many_tasks", cfg.duration):
+    async with Profiler.maybe(run, run.scenario, cfg.duration):
         ws = await run.writer.run(cfg.rate, cfg.duration, task_ids)
         b = await run.m.snap()
     res.metrics.update(Meter.delta(a, b, ws.updates + ws.errors))
@@ -579,6 +610,8 @@ async def _update_rate_mode(
 async def update_rate(run: Run, res: RunResult) -> None:
     """Unbatched vs batched API writes vs the reporter, each at rising rates until p99
     commit-to-client latency passes the limit or the writer falls behind."""
+    if run.target != "taskstream":
+        return  # it compares ways of writing on this tree's server; nothing to compare against
     for mode, env, how in UPDATE_MODES:
         if mode not in run.cfg.update_modes:
             continue
@@ -589,6 +622,7 @@ async def update_rate(run: Run, res: RunResult) -> None:
 
 SCENARIO_FUNCS: dict[str, Callable[[Run, RunResult], Awaitable[None]]] = {
     "many_tasks": many_tasks,
+    "group_stream": group_stream,
     "fanout": fanout,
     "connect_storm": connect_storm,
     "idle": idle,
@@ -603,7 +637,8 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
     streams = cfg.connections
     if scenario in ("max_rate", "update_rate"):
         streams = min(cfg.connections, cfg.max_rate_streams)
-    res = RunResult(scenario, target, streams)
+    res = RunResult(scenario, target, streams, workers=cfg.server_workers, http=cfg.http)
+    res.variant = len(cfg.workers_sweep) > 1 or len(cfg.http_versions) > 1
     run = Run(ctx, scenario, target)
     t0 = time.monotonic()
     try:
@@ -615,6 +650,6 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
         code = await run.stop()
         res.metrics["server_exit_code"] = code
         res.metrics["run_seconds"] = time.monotonic() - t0
-        if code not in (0, None) and target == "taskstream":
+        if code not in (0, None) and target in SERVERS:
             res.problems.append(f"{target} exited with code {code} on SIGTERM")
     return res

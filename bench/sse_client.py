@@ -10,16 +10,23 @@ import asyncio
 import time
 from array import array
 from collections.abc import Callable
+from typing import Any
 
-__all__ = ["SSEStream", "Tally", "build_request"]
+__all__ = ["H2SSEStream", "SSEStream", "Tally", "build_h2_headers", "build_request"]
 
 TERMINAL_EVENT = b"complete"
 
 
-def build_request(host: str, port: int, task_id: str, token: str) -> bytes:
-    """The exact bytes of one authenticated stream request."""
+def build_request(host: str, port: int, task_id: str, token: str, *, group: bool = False) -> bytes:
+    """The exact bytes of one authenticated stream request (``group``: the stream of the group
+    named ``task_id``)."""
+    path = (
+        f"/api/v1/sse/groups/{task_id}/progress"
+        if group
+        else f"/api/v1/sse/tasks/{task_id}/progress"
+    )
     return (
-        f"GET /api/v1/sse/tasks/{task_id}/progress HTTP/1.1\r\n"
+        f"GET {path} HTTP/1.1\r\n"
         f"Host: {host}:{port}\r\n"
         f"Authorization: Bearer {token}\r\n"
         "Accept: text/event-stream\r\n"
@@ -314,3 +321,83 @@ class SSEStream(asyncio.Protocol):
             t.error_events += 1
         elif event == b"timeout":
             t.timeouts += 1
+
+
+def build_h2_headers(
+    host: str, port: int, task_id: str, token: str, *, group: bool = False
+) -> list[tuple[bytes, bytes]]:
+    """The request headers of one authenticated stream over HTTP/2 (``group``: as in
+    :func:`build_request`)."""
+    kind = "groups" if group else "tasks"
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", f"{host}:{port}".encode()),
+        (b":path", f"/api/v1/sse/{kind}/{task_id}/progress".encode()),
+        (b"authorization", f"Bearer {token}".encode()),
+        (b"accept", b"text/event-stream"),
+        (b"cache-control", b"no-cache"),
+    ]
+
+
+class H2SSEStream(SSEStream):
+    """One SSE stream over HTTP/2 in cleartext with prior knowledge (h2c), one connection each.
+
+    The h2 library keeps the framing and flow control; every DATA frame is acknowledged at once,
+    so the server's window never closes on a client that keeps up.
+    """
+
+    __slots__ = ("h2", "headers")
+
+    def __init__(
+        self, tally: Tally, headers: list[tuple[bytes, bytes]], expect_state: bytes
+    ) -> None:
+        super().__init__(tally, b"", expect_state)
+        self.headers = headers
+        self.h2: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import h2.config
+        import h2.connection
+
+        self.transport = transport  # type: ignore[assignment]
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        conn.initiate_connection()
+        conn.send_headers(1, self.headers, end_stream=True)
+        self.h2 = conn
+        transport.write(conn.data_to_send())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events
+        import h2.exceptions
+
+        conn = self.h2
+        try:
+            events = conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self._fail()
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = dict(ev.headers).get(b":status", b"999")
+                self.status = int(status)
+                codes = self.tally.status_codes
+                codes[self.status] = codes.get(self.status, 0) + 1
+                if self.status != 200:
+                    self._fail()
+                    return
+            elif isinstance(ev, h2.events.DataReceived):
+                if ev.flow_controlled_length:
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                self._feed(ev.data)
+            elif isinstance(
+                ev,
+                h2.events.StreamEnded | h2.events.StreamReset | h2.events.ConnectionTerminated,
+            ):
+                if self.transport is not None:
+                    self.transport.close()
+        out = conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)

@@ -44,6 +44,7 @@ from server.openapi import (
     parameters,
     responds,
 )
+from server.schemas import GroupClosedBody
 from server.task_models import (
     BulkPatch,
     BulkResults,
@@ -124,6 +125,9 @@ def json_body(model: type[BaseModel]) -> Callable[[F], F]:
                     data = json.loads(raw)
                 except (ValueError, UnicodeDecodeError):
                     return json_error(400, "Invalid JSON")
+                except RecursionError:
+                    # Nesting deeper than the parser's recursion limit (metadata is an object).
+                    return json_error(400, "Invalid JSON", "nested too deeply")
             loaded = model_load(data, model, RequestSchemaValidationError)
             return await func(*args, data=loaded, **kwargs)
 
@@ -193,7 +197,11 @@ async def _cancel_is_post_only() -> Response | None:
 @responds(201, "Created.", Task, headers={"ETag": "The version", "Location": "The task's URL"})
 @responds(*ERROR_RESPONSES[401])
 @responds(403, "`owner_id` names another user and the token lacks scope `tasks:write`.")
-@responds(409, "A task with this id exists (whoever owns it).")
+@responds(
+    409,
+    "A task with this id exists (whoever owns it), or `group_id` names a group that is closed, "
+    "full or another owner's.",
+)
 @responds(*ERROR_RESPONSES[422])
 @responds(*ERROR_RESPONSES[503])
 @authenticated()
@@ -213,13 +221,22 @@ async def create_task(data: TaskCreate) -> Response:
     rt = runtime()
     for _ in range(3):
         task_id = data.id or new_task_id()
-        task = await rt.writes.insert(
-            task_id,
-            owner,
-            state=data.state,
-            progress=data.progress,
-            estimated_time=data.estimated_time,
-        )
+        try:
+            task = await rt.writes.insert(
+                task_id,
+                owner,
+                state=data.state,
+                progress=data.progress,
+                estimated_time=data.estimated_time,
+                group_id=data.group_id,
+                metadata=data.metadata,
+            )
+        except db.GroupClosedError:
+            return json_error(
+                409,
+                "Group unavailable",
+                "the group is closed, full, or another owner's: start a new group",
+            )
         if task is not None:
             return task_response(task, 201, Location=f"/api/v1/tasks/{quote(task.id, safe='')}")
         if data.id is not None:
@@ -322,11 +339,13 @@ async def get_task(task_id: str, query_args: TaskQuery) -> Response:
 @authenticated(scope=SCOPE_WRITE)
 @json_body(TaskPatch)
 async def update_task(task_id: str, data: TaskPatch) -> Response:
-    """Update a task's state, progress, ETA or error (scope `tasks:write`).
+    """Update a task's state, progress, ETA, error or metadata (scope `tasks:write`).
 
     For workers and services: a `tasks:write` token may update any owner's task. Progress is
     0 to 100, the ETA a non-negative integer (null lets the server derive it), `state` at most
-    64 characters and `error` at most 1000; anything else is 422 with one entry per field.
+    64 characters, `error` at most 1000 characters and `metadata` a JSON object of at most 2048
+    bytes (it replaces the old one; null removes it); anything else is 422 with one entry per
+    field.
     """
     if (problem := validate_task_id(task_id)) is not None:
         return invalid_task_id(problem)
@@ -445,3 +464,24 @@ def _change_response(outcome: str, task: TaskState | None) -> Response:
     if outcome == "terminal":
         return json_error(409, "Task is finished", {"state": task.state})
     return task_response(task)
+
+
+@blueprint.post("/api/v1/groups/<path:group_id>/close")
+@responds(200, "The group is closed (also when it already was).", GroupClosedBody)
+@responds(*ERROR_RESPONSES[401])
+@responds(400, "The group id is not valid (1 to 200 characters, no control characters).")
+@responds(404, "No such group, or not yours: the two are indistinguishable.")
+@responds(*ERROR_RESPONSES[503])
+@authenticated()
+async def close_group(group_id: str) -> Response:
+    """Close one of your groups.
+
+    No task joins a closed group any more (creating one in it is 409), and its group streams
+    end once every task in it is terminal. Closing twice is harmless.
+    """
+    if (problem := validate_task_id(group_id)) is not None:
+        return json_error(400, "Invalid group id", problem.replace("task id", "group id"))
+    closed = await db.close_group(runtime().pool, group_id, principal().user_id)
+    if closed is None:
+        return json_error(404, "Group not found")
+    return jsonify(closed)

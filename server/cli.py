@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     setup_logging(settings.log_level)
     _check_settings(settings)
+    _raise_descriptor_limit()
     config = hypercorn_config(args, settings)
     # Bind before the database: a port in use fails fast, before anything else is started.
     sockets = bind(config, args.host, args.port)
@@ -146,6 +147,19 @@ def _serve(args: argparse.Namespace) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("taskstream stopped")
     return 0
+
+
+def _raise_descriptor_limit() -> None:
+    """One descriptor per stream: take all the process may have, and say what it is."""
+    from server.descriptors import raise_soft_limit
+
+    before, after = raise_soft_limit()
+    logger.info(
+        "file descriptor limit (RLIMIT_NOFILE soft): %d (was %d)",
+        after,
+        before,
+        extra={"event": "nofile_limit", "max_fds": after, "max_fds_before": before},
+    )
 
 
 class StoppedDuringStartup(Exception):

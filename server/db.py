@@ -6,6 +6,7 @@ connection, because a pool runs ``UNLISTEN *`` whenever it takes a connection ba
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -22,9 +23,14 @@ __all__ = [
     "DATABASE_ERRORS",
     "MIGRATION_LOCK_KEY",
     "DatabaseUnavailable",
+    "GroupClosedError",
+    "GroupView",
     "TaskChange",
+    "close_group",
     "connect",
     "create_pool",
+    "fetch_group",
+    "fetch_groups",
     "fetch_joined_tasks",
     "fetch_open_tasks",
     "fetch_task",
@@ -43,7 +49,7 @@ MIGRATION_LOCK_KEY = 0x7473_6D69_6772
 
 TASK_COLUMNS = (
     "id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at,"
-    " started_at, start_progress, owner_since"
+    " started_at, start_progress, owner_since, group_id, group_seq, metadata"
 )
 
 # The terminal states as an SQL list, from the one definition in server/tasks.py.
@@ -74,6 +80,14 @@ CONNECTION_REFUSED_ERRORS: tuple[type[Exception], ...] = (
 
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL did not answer; the caller should retry later."""
+
+
+class GroupClosedError(ValueError):
+    """A task cannot join this group: it is closed, full, or another owner's."""
+
+
+def _metadata_json(metadata: dict[str, Any] | None) -> str | None:
+    return None if metadata is None else json.dumps(metadata, separators=(",", ":"))
 
 
 def migration_files() -> list[tuple[str, str]]:
@@ -216,28 +230,39 @@ async def insert_task(
     state: str = "pending",
     progress: float = 0.0,
     estimated_time: int | None = None,
+    group_id: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> TaskState | None:
-    """Create a task; None if the id is taken (by anyone)."""
-    row = await conn.fetchrow(
-        "INSERT INTO taskstream.tasks (id, owner_id, state, progress, estimated_time)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO NOTHING"
-        f" RETURNING {TASK_COLUMNS}",
-        task_id,
-        owner_id,
-        state,
-        progress,
-        estimated_time,
-    )
+    """Create a task; None if the id is taken (by anyone). Raises :class:`GroupClosedError`
+    when ``group_id`` names a group that is closed, full or another owner's."""
+    try:
+        row = await conn.fetchrow(
+            "INSERT INTO taskstream.tasks"
+            " (id, owner_id, state, progress, estimated_time, group_id, metadata)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) ON CONFLICT (id) DO NOTHING"
+            f" RETURNING {TASK_COLUMNS}",
+            task_id,
+            owner_id,
+            state,
+            progress,
+            estimated_time,
+            group_id,
+            _metadata_json(metadata),
+        )
+    except asyncpg.CheckViolationError as exc:
+        if getattr(exc, "constraint_name", None) == "tasks_group_open":
+            raise GroupClosedError(str(group_id)) from None
+        raise
     return None if row is None else _row_to_state(row)
 
 
 class TaskChange:
     """The fields a PATCH (or ``taskstream update``) sets; absent fields stay as they are."""
 
-    __slots__ = ("error", "estimated_time", "fields", "progress", "state")
+    __slots__ = ("error", "estimated_time", "fields", "metadata", "progress", "state")
 
     def __init__(self, **fields: Any) -> None:
-        unknown = set(fields) - {"state", "progress", "estimated_time", "error"}
+        unknown = set(fields) - {"state", "progress", "estimated_time", "error", "metadata"}
         if unknown:
             raise TypeError(f"unknown task fields: {sorted(unknown)}")
         self.fields = frozenset(fields)
@@ -245,6 +270,7 @@ class TaskChange:
         self.progress: float | None = fields.get("progress")
         self.estimated_time: int | None = fields.get("estimated_time")
         self.error: str | None = fields.get("error")
+        self.metadata: dict[str, Any] | None = fields.get("metadata")
 
 
 async def update_task(
@@ -266,7 +292,8 @@ async def update_task(
         " state = CASE WHEN $3 THEN $4::text ELSE state END,"
         " progress = CASE WHEN $5 THEN $6::double precision ELSE progress END,"
         " estimated_time = CASE WHEN $7 THEN $8::integer ELSE estimated_time END,"
-        " error = CASE WHEN $9 THEN $10::text ELSE error END"
+        " error = CASE WHEN $9 THEN $10::text ELSE error END,"
+        " metadata = CASE WHEN $11 THEN $12::jsonb ELSE metadata END"
         " WHERE id = $1 AND ($2::text IS NULL OR owner_id = $2)"
         f" AND state NOT IN {TERMINAL_SQL}"
         f" RETURNING {TASK_COLUMNS}",
@@ -280,6 +307,8 @@ async def update_task(
         change.estimated_time,
         "error" in f,
         change.error,
+        "metadata" in f,
+        _metadata_json(change.metadata),
     )
     if row is not None:
         return "updated", _row_to_state(row)
@@ -330,3 +359,80 @@ async def list_tasks(
             limit,
         )
     return [_row_to_state(r) for r in rows]
+
+
+# -- groups ----------------------------------------------------------------------------------
+
+
+class GroupView:
+    """A group as a group stream opens on it: its owner, whether it is closed, its tasks."""
+
+    __slots__ = ("closed", "group_id", "owner_id", "tasks")
+
+    def __init__(
+        self, group_id: str, owner_id: str, closed: bool, tasks: dict[str, TaskState]
+    ) -> None:
+        self.group_id = group_id
+        self.owner_id = owner_id
+        self.closed = closed
+        # Every task of the group (whoever owns it now), by sequence number.
+        self.tasks = tasks
+
+
+async def fetch_group(pool: asyncpg.Pool, group_id: str) -> GroupView | None:
+    """A group and all its tasks, read in one snapshot; None if no task ever joined it."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        group = await conn.fetchrow(
+            "SELECT owner_id, closed_at IS NOT NULL AS closed FROM taskstream.groups WHERE id = $1",
+            group_id,
+        )
+        if group is None:
+            return None
+        rows = await conn.fetch(
+            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE group_id = $1 ORDER BY group_seq",
+            group_id,
+        )
+    return GroupView(
+        group_id, group["owner_id"], group["closed"], {r["id"]: _row_to_state(r) for r in rows}
+    )
+
+
+async def fetch_groups(
+    conn: asyncpg.Pool | asyncpg.Connection, group_ids: Sequence[str]
+) -> tuple[list[TaskState], list[tuple[str, str]]]:
+    """Every task of these groups, and the closed ones as ``(group id, owner)``: what group
+    streams pick up, read back after a listener outage."""
+    rows = await conn.fetch(
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE group_id = ANY($1::text[])"
+        " ORDER BY group_id, group_seq",
+        list(group_ids),
+    )
+    closed = await conn.fetch(
+        "SELECT id, owner_id FROM taskstream.groups"
+        " WHERE id = ANY($1::text[]) AND closed_at IS NOT NULL",
+        list(group_ids),
+    )
+    return [_row_to_state(r) for r in rows], [(r["id"], r["owner_id"]) for r in closed]
+
+
+async def close_group(
+    conn: asyncpg.Pool | asyncpg.Connection, group_id: str, owner_id: str
+) -> dict[str, Any] | None:
+    """Close one of ``owner_id``'s groups (idempotent); None if there is no such group of theirs.
+    Returns the group: id, owner, when it was closed, and its number of tasks."""
+    row = await conn.fetchrow(
+        "WITH closed AS (UPDATE taskstream.groups SET closed_at = coalesce(closed_at,"
+        " clock_timestamp()) WHERE id = $1 AND owner_id = $2 RETURNING id, owner_id, closed_at)"
+        " SELECT closed.*, (SELECT count(*) FROM taskstream.tasks t WHERE t.group_id = $1)"
+        " AS tasks FROM closed",
+        group_id,
+        owner_id,
+    )
+    if row is None:
+        return None
+    return {
+        "group_id": row["id"],
+        "owner_id": row["owner_id"],
+        "closed_at": row["closed_at"].isoformat(),
+        "tasks": int(row["tasks"]),
+    }

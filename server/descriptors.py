@@ -18,7 +18,16 @@ import resource
 
 from server import metrics
 
-__all__ = ["HIGH", "LOW", "SAMPLE_INTERVAL", "WATCH", "DescriptorWatch", "open_count", "soft_limit"]
+__all__ = [
+    "HIGH",
+    "LOW",
+    "SAMPLE_INTERVAL",
+    "WATCH",
+    "DescriptorWatch",
+    "open_count",
+    "raise_soft_limit",
+    "soft_limit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,31 @@ def soft_limit() -> int | None:
     """The soft ``RLIMIT_NOFILE``, or None when unlimited."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_soft_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return (before, after).
+
+    Every stream holds a descriptor, and many systems start processes at a soft limit of 1,024
+    while allowing far more: without this, a worker refuses connections at about a thousand
+    streams whatever memory it has left. Workers inherit the limit (it survives fork and exec).
+    An unlimited hard limit is capped at the kernel's ``fs.nr_open``, the most setrlimit takes.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if target == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return soft, soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
 class DescriptorWatch:

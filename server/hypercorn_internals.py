@@ -86,6 +86,7 @@ __all__ = [
     "PromptCloseTCPServer",
     "ProxyFixMiddleware",
     "check",
+    "frame_chunk",
     "install_peerclose",
     "peerclose_problems",
     "progress_chunk",
@@ -216,11 +217,16 @@ def resolve(send: Any) -> Connection | None:
     return Connection(transport, h11_conn)
 
 
+def frame_chunk(data: bytes) -> bytes:
+    """``data`` framed as one HTTP/1.1 chunk (h11's ChunkedWriter frames the same way)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 def progress_chunk(state: TaskState, event: bytes) -> bytes:
     """``event`` (the state's progress event) framed as one HTTP/1.1 chunk, cached on the state."""
     chunk = state.memo_chunk
     if chunk is None:
-        chunk = state.memo_chunk = b"%x\r\n%b\r\n" % (len(event), event)
+        chunk = state.memo_chunk = frame_chunk(event)
     return chunk
 
 
@@ -280,26 +286,31 @@ def peerclose_problems() -> list[str]:
 class PromptCloseTCPServer(TCPServer):
     """Hypercorn's TCPServer, closing the socket when the peer has gone (see below)."""
 
-    _reading: asyncio.Task[None] | None = None
+    # The connection's own task while it runs the read loop (None outside it), and whether
+    # _stop_reading has cancelled it. The read loop runs in that task rather than in a task of
+    # its own: a task per connection (with its coroutine, context and the wait on it) cost
+    # about 2 KB of every open stream (bench/heapprofile.py).
+    _read_task: asyncio.Task[Any] | None = None
+    _stop_requested = False
     _read_done = False
 
     async def _read_data(self) -> None:
-        reading = self.loop.create_task(super()._read_data())
-        self._reading = reading
+        task = asyncio.current_task()
+        self._read_task = task
         try:
-            await asyncio.wait({reading})
-        finally:
-            # Our own cancellation (shutdown) must stop the reader too.
-            if not reading.done():
-                reading.cancel()
-                await asyncio.wait({reading})
-        self._read_done = True
-        if reading.cancelled():
+            await super()._read_data()
+        except asyncio.CancelledError:
+            # Ours (_stop_reading), and only ours: any other cancellation (shutdown) goes on.
+            if not self._stop_requested or task is None or task.uncancel() > 0:
+                raise
             # Cut off mid-way: let the protocol close its streams as the loop's end would have
             # (idempotent: a closed stream is not closed twice).
             await self.protocol.handle(Closed())
-        else:
-            reading.result()  # an error the read loop did not handle propagates as before
+        finally:
+            self._read_task = None
+        if self._stop_requested and task is not None and task.cancelling():
+            task.uncancel()  # our cancel was absorbed on the way (Hypercorn's _close swallows it)
+        self._read_done = True
         await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
@@ -312,11 +323,19 @@ class PromptCloseTCPServer(TCPServer):
             self._stop_reading()
 
     def _stop_reading(self) -> None:
-        reading = self._reading
+        task = self._read_task
         # Not from inside the read loop itself: it is running, so it is not stuck, and it ends
-        # by itself once the closed transport reports EOF.
-        if reading is not None and not reading.done() and reading is not asyncio.current_task():
-            reading.cancel()
+        # by itself once the closed transport reports EOF. Cancelled once: the connection's task
+        # is parked in the read loop (it is not the current task), so the cancellation lands
+        # there, where _read_data takes it back.
+        if (
+            task is not None
+            and not self._stop_requested
+            and not task.done()
+            and task is not asyncio.current_task()
+        ):
+            self._stop_requested = True
+            task.cancel()
 
 
 def install_peerclose() -> bool:

@@ -14,12 +14,15 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "GROUP_EVENTS",
     "MULTI_TASK_EVENTS",
     "SINGLE_TASK_EVENTS",
     "CompleteEventData",
     "ErrorBody",
     "ErrorEventData",
     "FieldError",
+    "GroupClosedBody",
+    "GroupCompleteEventData",
     "Health",
     "MultiCompleteEventData",
     "MultiErrorEventData",
@@ -77,6 +80,11 @@ class ProgressEventData(BaseModel):
     )
     updated_at: str = Field(description="ISO 8601, UTC.")
     version: int
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description="The task's metadata (a JSON object of at most 2048 bytes); absent when "
+        "the task has none.",
+    )
 
 
 class CompleteEventData(BaseModel):
@@ -104,6 +112,22 @@ class MultiErrorEventData(ErrorEventData):
     task_id: str | None = Field(default=None, description="Absent when the token expired.")
 
 
+class GroupCompleteEventData(BaseModel):
+    """The group is closed and every task in it is terminal: the last event of a group stream."""
+
+    group_id: str
+    tasks: int = Field(description="How many of the group's tasks the stream showed.")
+
+
+class GroupClosedBody(BaseModel):
+    """A closed group."""
+
+    group_id: str
+    owner_id: str
+    closed_at: str = Field(description="When it was closed (ISO 8601).")
+    tasks: int = Field(description="How many tasks joined it.")
+
+
 class TimeoutEventData(BaseModel):
     """The stream reached TASKSTREAM_STREAM_TIMEOUT; reconnect to go on."""
 
@@ -122,4 +146,8 @@ MULTI_TASK_EVENTS: dict[str, type[BaseModel]] = {
     "complete": MultiCompleteEventData,
     "error": MultiErrorEventData,
     "timeout": TimeoutEventData,
+}
+GROUP_EVENTS: dict[str, type[BaseModel]] = {
+    **MULTI_TASK_EVENTS,
+    "group_complete": GroupCompleteEventData,
 }

@@ -7,7 +7,15 @@ from typing import Annotated, Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.tasks import MAX_ERROR, MAX_ETA, MAX_STATE, MAX_TASK_ID
+from server.tasks import (
+    MAX_ERROR,
+    MAX_ETA,
+    MAX_GROUP_TASKS,
+    MAX_METADATA,
+    MAX_STATE,
+    MAX_TASK_ID,
+    metadata_problem,
+)
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -76,6 +84,32 @@ Eta = Annotated[
     ),
 ]
 ErrorText = Annotated[str, Field(max_length=MAX_ERROR, strict=True)]
+GroupId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_TASK_ID,
+        pattern=_NO_CONTROL,
+        strict=True,
+        description=(
+            f"The task's group (batch or parent): 1 to {MAX_TASK_ID} characters, no control "
+            "characters. Set at creation only. The first task names a new group, owned by its "
+            f"owner; a group takes at most {MAX_GROUP_TASKS} tasks, all of that owner's, until "
+            "it is closed."
+        ),
+        examples=["batch_2026_12_02"],
+    ),
+]
+METADATA_DESCRIPTION = (
+    f"A JSON object of your own (at most {MAX_METADATA} bytes as compact UTF-8 JSON), carried "
+    "in `progress` events; null: none."
+)
+
+
+def _check_metadata(value: Any) -> Any:
+    if value is not None and (problem := metadata_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
 
 
 class TaskCreate(BaseModel):
@@ -93,6 +127,13 @@ class TaskCreate(BaseModel):
     state: State = "pending"
     progress: Progress = 0.0
     estimated_time: Eta | None = None
+    group_id: GroupId | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description=METADATA_DESCRIPTION)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_fits(cls, value: Any) -> Any:
+        return _check_metadata(value)
 
 
 class TaskPatch(BaseModel):
@@ -107,6 +148,12 @@ class TaskPatch(BaseModel):
         default=None,
         description=f"Why the task failed (at most {MAX_ERROR} characters), or null.",
     )
+    metadata: dict[str, Any] | None = Field(default=None, description=METADATA_DESCRIPTION)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_fits(cls, value: Any) -> Any:
+        return _check_metadata(value)
 
     @field_validator("state", "progress")
     @classmethod
@@ -118,7 +165,9 @@ class TaskPatch(BaseModel):
     @model_validator(mode="after")
     def _not_empty(self) -> Self:
         if not self.model_fields_set:
-            raise ValueError("give at least one of state, progress, estimated_time, error")
+            raise ValueError(
+                "give at least one of state, progress, estimated_time, error, metadata"
+            )
         return self
 
 
@@ -206,6 +255,8 @@ class Task(BaseModel):
     started_at: str | None = Field(
         description="When the task was first seen at work (the anchor of the derived ETA)."
     )
+    group_id: str | None = Field(description="The task's group, or null.")
+    metadata: dict[str, Any] | None = Field(description="The task's metadata, or null.")
 
 
 class BulkItemResult(BaseModel):

@@ -15,22 +15,31 @@ It is also where a missing ``estimated_time`` is derived (:func:`derive_eta`): o
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 __all__ = [
     "MAX_ERROR",
     "MAX_ETA",
+    "MAX_GROUP_TASKS",
+    "MAX_METADATA",
+    "MAX_METADATA_SQL",
     "MAX_STATE",
     "MAX_TASKS_PER_STREAM",
     "MAX_TASK_ID",
     "TERMINAL_STATES",
+    "Change",
+    "GroupClosed",
     "TaskState",
     "derive_eta",
+    "metadata_problem",
     "new_task_id",
+    "parse_notification",
     "validate_task_id",
 ]
 
@@ -46,6 +55,14 @@ MAX_ERROR = 1000  # what a writer may set through the API (the column itself is 
 MAX_TASKS_PER_STREAM = 100  # ids on one stream, and on one ticket
 # The largest ETA reported (the writer's column is a PostgreSQL integer, so is the derived value).
 MAX_ETA = 2_147_483_647
+# A task's metadata: a JSON object of at most this many bytes as compact UTF-8 JSON (the API's
+# rule). The schema's CHECK allows twice as much in jsonb's text form, which adds spaces
+# (sql/005_groups_metadata.sql); a notification too large for it says "fetch" instead.
+MAX_METADATA = 2048
+MAX_METADATA_SQL = 4096
+MAX_METADATA_DEPTH = 32
+# Tasks per group (sequence numbers: the schema's CHECK on taskstream.groups.last_seq).
+MAX_GROUP_TASKS = 1000
 
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -57,6 +74,65 @@ def validate_task_id(task_id: str) -> str | None:
     if _BAD_ID.search(task_id):
         return "task id must not contain control characters"
     return None
+
+
+def _plain_json_problem(value: Any, depth: int) -> str | None:
+    """Why a parsed JSON value cannot be stored as it is (None: it can)."""
+    if depth > MAX_METADATA_DEPTH:
+        return f"metadata must nest at most {MAX_METADATA_DEPTH} levels"
+    if isinstance(value, str):
+        # PostgreSQL's jsonb refuses the NUL character, and UTF-8 a lone surrogate.
+        if "\x00" in value:
+            return "metadata must not contain the NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "metadata strings must be valid Unicode"
+        return None
+    if isinstance(value, float):
+        # jsonb writes numbers out in full: 1e300 would become 301 digits.
+        if not math.isfinite(value) or len(format(Decimal(repr(value)), "f")) > 40:
+            return "metadata numbers must be finite and at most 40 digits written out"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return "metadata keys must be strings"
+            problem = _plain_json_problem(key, depth) or _plain_json_problem(item, depth + 1)
+            if problem is not None:
+                return problem
+    elif isinstance(value, list):
+        for item in value:
+            if (problem := _plain_json_problem(item, depth + 1)) is not None:
+                return problem
+    elif not (value is None or isinstance(value, bool | int)):
+        return "metadata must be plain JSON"
+    return None
+
+
+def metadata_problem(value: Any) -> str | None:
+    """Return why ``value`` cannot be a task's metadata, or None if it can."""
+    if not isinstance(value, dict):
+        return "metadata must be a JSON object"
+    problem = _plain_json_problem(value, 1)
+    if problem is not None:
+        return problem
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if len(text.encode("utf-8")) > MAX_METADATA:
+        return f"metadata must be at most {MAX_METADATA} bytes as compact JSON"
+    return None
+
+
+def _metadata(value: Any) -> dict[str, Any] | None:
+    """Metadata as read from a row (asyncpg returns jsonb as text) or a notification."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            # An SQL writer may nest deeper than Python's parser goes (the schema bounds size,
+            # not depth): the task still streams, without its metadata.
+            return None
+    return value if isinstance(value, dict) else None
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -146,6 +222,13 @@ class TaskState:
     start_progress: float | None = None
     # When the task passed to this owner (sql/004_owner_since.sql); None: since it was created.
     owner_since: str | None = None
+    # The task's group and its sequence number in it (sql/005_groups_metadata.sql), or None.
+    group_id: str | None = None
+    group_seq: int | None = None
+    # The task's metadata (a small JSON object), or None.
+    metadata: dict[str, Any] | None = None
+    # The notification left the metadata out (too large for NOTIFY): the registry reads the row.
+    fetch: bool = False
     # The memo of `eta`; init=False so that dataclasses.replace() never copies a stale one.
     _eta: int | None = field(default=None, init=False, repr=False, compare=False)
     _eta_known: bool = field(default=False, init=False, repr=False, compare=False)
@@ -183,6 +266,10 @@ class TaskState:
             started_at=_utc(d.get("started_at")),
             start_progress=_float_or_none(d.get("start_progress")),
             owner_since=_utc(d.get("owner_since")),
+            group_id=d.get("group_id"),
+            group_seq=d.get("group_seq"),
+            metadata=_metadata(d.get("metadata")),
+            fetch=bool(d.get("fetch", False)),
         )
 
     @classmethod
@@ -203,6 +290,9 @@ class TaskState:
             started_at=_iso(row.get("started_at")),
             start_progress=_float_or_none(row.get("start_progress")),
             owner_since=_iso(row.get("owner_since")),
+            group_id=row.get("group_id"),
+            group_seq=row.get("group_seq"),
+            metadata=_metadata(row.get("metadata")),
         )
 
     @classmethod
@@ -234,8 +324,11 @@ class TaskState:
         return self._eta
 
     def progress_data(self) -> dict[str, Any]:
-        """The ``progress`` event's JSON object (also the core of the REST representation)."""
-        return {
+        """The ``progress`` event's JSON object (also the core of the REST representation).
+
+        ``metadata`` is there only when the task has some, so a task without it sends exactly
+        the bytes it always did."""
+        data: dict[str, Any] = {
             "task_id": self.id,
             "state": self.state,
             "progress": self.progress,
@@ -243,6 +336,9 @@ class TaskState:
             "updated_at": self.updated_at,
             "version": self.version,
         }
+        if self.metadata is not None:
+            data["metadata"] = self.metadata
+        return data
 
     def api_data(self) -> dict[str, Any]:
         """The REST representation: the ``progress`` event's fields plus the task's details."""
@@ -251,6 +347,8 @@ class TaskState:
         data["owner_id"] = self.owner_id
         data["created_at"] = self.created_at
         data["started_at"] = self.started_at
+        data["group_id"] = self.group_id
+        data["metadata"] = self.metadata
         return data
 
     def progress_json(self) -> str:
@@ -258,3 +356,39 @@ class TaskState:
         if self._progress_json is None:
             self._progress_json = json.dumps(self.progress_data(), separators=(",", ":"))
         return self._progress_json
+
+
+@dataclass(frozen=True, slots=True)
+class GroupClosed:
+    """A group's owner closed it: no task joins it any more (sql/005_groups_metadata.sql)."""
+
+    group_id: str
+    owner_id: str
+
+    @classmethod
+    def from_notification(cls, payload: dict[str, Any]) -> GroupClosed:
+        return cls(group_id=str(payload["group_closed"]), owner_id=str(payload["owner_id"]))
+
+
+# What one notification on the channel is: a task's committed state, or a group's closing.
+Change = TaskState | GroupClosed
+
+
+def parse_notification(payload: str) -> Change:
+    """Parse one notification (raises ValueError, KeyError or TypeError if malformed)."""
+    if '"group_closed"' in payload:
+        d = json.loads(payload)
+        if isinstance(d, dict) and "group_closed" in d and "id" not in d:
+            return GroupClosed.from_notification(d)
+    try:
+        return TaskState.from_notification(payload)
+    except RecursionError:
+        # Metadata nested deeper than the parser goes. The trigger appends it last, and an
+        # unescaped `, "metadata" : ` cannot occur inside a JSON string: parse the rest, and let
+        # the registry read the row (whose metadata then reads as None) like a "fetch" payload.
+        cut = payload.find(', "metadata" : ')
+        if cut < 0:
+            raise ValueError("notification nested too deeply") from None
+        state = TaskState.from_notification(payload[:cut] + "}")
+        state.fetch = True
+        return state

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 
@@ -45,20 +45,23 @@ _UPDATE_MANY = (
     " state = CASE WHEN u.set_state THEN u.state ELSE t.state END,"
     " progress = CASE WHEN u.set_progress THEN u.progress ELSE t.progress END,"
     " estimated_time = CASE WHEN u.set_eta THEN u.eta ELSE t.estimated_time END,"
-    " error = CASE WHEN u.set_error THEN u.error ELSE t.error END"
+    " error = CASE WHEN u.set_error THEN u.error ELSE t.error END,"
+    " metadata = CASE WHEN u.set_meta THEN u.meta::jsonb ELSE t.metadata END"
     " FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::bool[],"
-    " $6::double precision[], $7::bool[], $8::integer[], $9::bool[], $10::text[])"
+    " $6::double precision[], $7::bool[], $8::integer[], $9::bool[], $10::text[],"
+    " $11::bool[], $12::text[])"
     " AS u(id, owner_filter, set_state, state, set_progress, progress, set_eta, eta,"
-    " set_error, error)"
+    " set_error, error, set_meta, meta)"
     " WHERE t.id = u.id AND (u.owner_filter IS NULL OR t.owner_id = u.owner_filter)"
     f" AND t.state NOT IN {db.TERMINAL_SQL}"
     f" RETURNING {_COLUMNS}"
 )
 _READ_MANY = f"SELECT {_COLUMNS} FROM taskstream.tasks AS t WHERE t.id = ANY($1::text[])"
 _INSERT_MANY = (
-    "INSERT INTO taskstream.tasks AS t (id, owner_id, state, progress, estimated_time)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::double precision[],"
-    " $5::integer[]) ON CONFLICT (id) DO NOTHING"
+    "INSERT INTO taskstream.tasks AS t (id, owner_id, state, progress, estimated_time, metadata)"
+    " SELECT i, o, s, p, e, m::jsonb FROM unnest($1::text[], $2::text[], $3::text[],"
+    " $4::double precision[], $5::integer[], $6::text[]) AS u(i, o, s, p, e, m)"
+    " ON CONFLICT (id) DO NOTHING"
     f" RETURNING {_COLUMNS}"
 )
 
@@ -77,6 +80,8 @@ class _Write:
     state: str = "pending"
     progress: float = 0.0
     estimated_time: int | None = None
+    metadata: dict[str, Any] | None = None
+    group_id: str | None = None
 
     def settle(self, outcome: Outcome) -> None:
         # A caller that went away (client disconnect) cancelled its future; the write stands.
@@ -152,8 +157,11 @@ class WriteBatcher:
         state: str = "pending",
         progress: float = 0.0,
         estimated_time: int | None = None,
+        group_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> TaskState | None:
-        """Create a task; None if the id is taken (as :func:`server.db.insert_task`)."""
+        """Create a task; None if the id is taken (as :func:`server.db.insert_task`, which
+        also raises its :class:`~server.db.GroupClosedError`)."""
         write = _Write(
             "insert",
             task_id,
@@ -162,10 +170,14 @@ class WriteBatcher:
             state=state,
             progress=progress,
             estimated_time=estimated_time,
+            metadata=metadata,
+            group_id=group_id,
         )
         # Validate before the batch: an owner the table's CHECK refuses goes alone, so it
         # fails its own request (503, as before batching) without costing the others a retry.
-        alone = not 1 <= len(owner_id) <= 200
+        # A task joining a group goes alone too: the group's own rules (open, not full, the
+        # owner's) are checked by the table and refuse it with their own error.
+        alone = not 1 <= len(owner_id) <= 200 or group_id is not None
         _, task = await self._submit(write, alone=alone)
         return task
 
@@ -273,7 +285,7 @@ class WriteBatcher:
             for write in batch:
                 try:
                     write.settle(await self._one(write))
-                except db.DATABASE_ERRORS as own:
+                except Exception as own:  # each member's own error goes to its own caller
                     write.fail(own)
             return
         for write, outcome in zip(batch, outcomes, strict=True):
@@ -291,6 +303,8 @@ class WriteBatcher:
                 state=write.state,
                 progress=write.progress,
                 estimated_time=write.estimated_time,
+                group_id=write.group_id,
+                metadata=write.metadata,
             )
             return ("created", task) if task is not None else ("exists", None)
         assert write.change is not None
@@ -340,6 +354,7 @@ async def _insert_round(
         [w.state for w in writes],
         [w.progress for w in writes],
         [w.estimated_time for w in writes],
+        [db._metadata_json(w.metadata) for w in writes],
     )
     created = {r["id"]: TaskState.from_row(dict(r)) for r in rows}
     for i in indexes:
@@ -368,6 +383,8 @@ async def _update_round(
         [c.estimated_time for c in changes if c],
         ["error" in c.fields for c in changes if c],
         [c.error for c in changes if c],
+        ["metadata" in c.fields for c in changes if c],
+        [db._metadata_json(c.metadata) for c in changes if c],
     )
     updated = {r["id"]: TaskState.from_row(dict(r)) for r in rows}
     missing = [w.task_id for w in writes if w.task_id not in updated]

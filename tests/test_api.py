@@ -168,7 +168,14 @@ async def test_get_returns_progress_fields_plus_details(
         event = (await s.next()).json()
     # Every field of the progress event, with the same values, plus the details.
     assert {k: body[k] for k in event} == event
-    assert set(body) == set(event) | {"error", "created_at", "owner_id", "started_at"}
+    assert set(body) == set(event) | {
+        "error",
+        "created_at",
+        "owner_id",
+        "started_at",
+        "group_id",
+        "metadata",
+    }
     assert body["error"] == "warn" and body["version"] == 2
     assert r.headers["etag"] == '"2"'
     assert r.headers["cache-control"] == "private, no-cache"

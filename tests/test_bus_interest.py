@@ -112,3 +112,52 @@ async def test_an_instance_receives_only_the_tasks_and_owners_it_watches(
             with contextlib.suppress(asyncio.CancelledError):
                 await owner_stream
         await _wait(unsubscribed, "subjects back to 0 after the owner-wide stream")
+
+
+async def test_a_group_stream_in_bus_mode_sees_new_tasks_and_the_closing(
+    database_url: str, sql: asyncpg.Connection, nats_cluster: NatsCluster
+) -> None:
+    """A group's new tasks and its closing reach a bus instance through the owner's subject
+    (the relay publishes a closing, which names no task, there)."""
+    alice = issue_token(SECRET, "alice", ttl=300)
+    await create_task(sql, "g.1", owner="alice", state="running", group_id="grp")
+    async with (
+        fleet(database_url, nats_cluster, 2, TASKSTREAM_LISTENER_CHECK="5") as f,
+        httpx.AsyncClient(timeout=httpx.Timeout(10, read=30)) as client,
+        httpx.AsyncClient(timeout=5) as direct,
+    ):
+        await one_relay(direct, f)
+        url = f"{f.urls[1]}/api/v1/sse/groups/grp/progress"
+        seen: list[tuple[str, str]] = []
+
+        async def follow() -> None:
+            headers = {"Authorization": f"Bearer {alice}"}
+            async with client.stream("GET", url, headers=headers) as r:
+                assert r.status_code == 200
+                async for ev in EventSource(r).aiter_sse():
+                    seen.append((ev.event, ev.data))
+                    if ev.event == "group_complete":
+                        return
+
+        stream = asyncio.create_task(follow())
+        try:
+            await _wait(lambda: seen, "the group's snapshot")
+
+            async def owner_subscribed() -> bool:
+                return await metric(direct, f.urls[1], SUBJECTS) >= 2  # task and owner
+
+            await _wait(owner_subscribed, "the owner's subject")
+            await create_task(sql, "g.2", owner="alice", state="running", group_id="grp")
+            await _wait(lambda: any('"g.2"' in d for _, d in seen), "the new task")
+            await sql.execute("UPDATE taskstream.tasks SET state = 'success'")
+            await sql.execute("UPDATE taskstream.groups SET closed_at = now() WHERE id = 'grp'")
+            await asyncio.wait_for(stream, 15)
+        finally:
+            stream.cancel()
+            await asyncio.gather(stream, return_exceptions=True)
+        assert seen[-1][0] == "group_complete"
+
+        async def unsubscribed() -> bool:
+            return await metric(direct, f.urls[1], SUBJECTS) == 0
+
+        await _wait(unsubscribed, "subjects back to 0")

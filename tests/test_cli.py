@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -383,3 +385,62 @@ def test_help_texts_say_what_and_the_defaults() -> None:
         assert text in serve, serve
     token = " ".join(_run_cli(env, "token", "--help").stdout.split())
     assert "lifetime in seconds, at least 1 (default: 3600)" in token, token
+
+
+async def test_serve_raises_the_descriptor_limit_to_the_hard_limit_and_logs_it(
+    database_url: str,
+) -> None:
+    # Started with a soft limit of 256 under a hard one of 4096 (as a shell with `ulimit -Sn 256`
+    # would), the server and its workers must run at 4096 and say so once.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    assert ceiling > 256, "this test needs a hard RLIMIT_NOFILE above 256"
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, ceiling))
+
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=low_soft_limit,
+    )
+    serve = ServeProcess(proc)
+    try:
+        await serve.wait_ready(ready_lines=2)
+        limits = [_soft_nofile(proc.pid)]
+        limits += [_soft_nofile(int(p)) for p in _children(proc.pid)]
+        # The master and its two workers (and multiprocessing's resource tracker, if any).
+        assert len(limits) >= 3 and set(limits) == {ceiling}, limits
+        lines = [
+            json.loads(line)
+            for line in serve.output
+            if line.startswith("{") and "nofile_limit" in line
+        ]
+        assert len(lines) == 1, serve.output
+        assert lines[0]["max_fds"] == ceiling and lines[0]["max_fds_before"] == 256
+        assert f"RLIMIT_NOFILE soft): {ceiling} (was 256)" in lines[0]["msg"]
+    finally:
+        code = await serve.stop()
+    assert code == 0, "".join(serve.output)
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+def _children(pid: int) -> list[str]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split()

@@ -107,3 +107,40 @@ async def test_http_1_1_raw_bytes_are_well_formed_chunks(
         assert b"event: complete\n" in rest
     finally:
         writer.close()
+
+
+async def test_multi_task_and_owner_wide_streams_take_the_direct_write_with_their_own_ids(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> None:
+    # A multi-task stream's event carries its resume id (one version per listed task), so the
+    # direct write encodes it per stream: the bytes must be those the mailbox path would send.
+    await create_task(sql, "m1")
+    await create_task(sql, "m2")
+    url = f"{server.url}/api/v1/sse/tasks"
+    async with (
+        open_stream(client, f"{url}?ids=m1,m2", token=server.token()) as multi,
+        open_stream(client, url, token=server.token()) as owner,
+    ):
+        assert [(await multi.next()).id for _ in range(2)] == ["1.1", "1.1"]
+        snapshot = [await owner.next(), await owner.next()]
+        assert {e.json()["task_id"] for e in snapshot} == {"m1", "m2"}
+        before = metrics.TALLY.direct_writes
+        await sql.execute("UPDATE taskstream.tasks SET progress = 10 WHERE id = 'm2'")
+        await sql.execute("UPDATE taskstream.tasks SET progress = 20 WHERE id = 'm1'")
+        got = [await multi.next(2), await multi.next(2)]
+        assert [(e.event, e.id, e.json()["task_id"], e.json()["progress"]) for e in got] == [
+            ("progress", "1.2", "m2", 10),
+            ("progress", "2.2", "m1", 20),
+        ]
+        seen = [await owner.next(2), await owner.next(2)]
+        # No id on an owner-wide stream, on either path.
+        assert [(e.event, e.id, e.json()["task_id"]) for e in seen] == [
+            ("progress", snapshot[0].id, "m2"),
+            ("progress", snapshot[0].id, "m1"),
+        ]
+        assert metrics.TALLY.direct_writes - before == 4
+        # Terminal states still take the mailbox path: progress, then complete, per task.
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id IN ('m1', 'm2')")
+        ends = [await multi.next(2) for _ in range(4)]
+        assert [e.event for e in ends] == ["progress", "complete", "progress", "complete"]
+        await multi.wait_closed(2)

@@ -101,6 +101,7 @@ def test_the_streaming_core_imports_one_way() -> None:
         "server.stream.session",
         "server.stream.snapshots",
         "server.stream.observe",
+        "server.stream.asgi",
     }
     inner = {
         name: {d for d in deps if d.startswith("server.stream")} for name, deps in core.items()
@@ -120,7 +121,7 @@ def test_the_streaming_core_imports_one_way() -> None:
         "server.cli",
     }
     assert inner["server.stream.registry"] == {"server.stream.mailbox"}
-    for leaf in ("mailbox", "encoder", "snapshots", "observe"):
+    for leaf in ("mailbox", "encoder", "snapshots", "observe", "asgi"):
         assert inner[f"server.stream.{leaf}"] == set(), leaf
     assert inner["server.stream.session"] == {
         "server.stream",

@@ -101,11 +101,16 @@ async def test_sse_routes_document_their_events(
 ) -> None:
     spec = await _spec(server, client)
     schemas = spec["components"]["schemas"]
-    for path in ("/api/v1/sse/tasks/{task_id}/progress", "/api/v1/sse/tasks"):
+    for path in (
+        "/api/v1/sse/tasks/{task_id}/progress",
+        "/api/v1/sse/tasks",
+        "/api/v1/sse/groups/{group_id}/progress",
+    ):
         op = spec["paths"][path]["get"]
         media = op["responses"]["200"]["content"]["text/event-stream"]
         events = media["x-sse-events"]
-        assert set(events) == {"progress", "complete", "error", "timeout"}
+        extra = {"group_complete"} if "groups" in path else set()
+        assert set(events) == {"progress", "complete", "error", "timeout"} | extra
         for event in events.values():
             name = event["data"]["$ref"].rsplit("/", 1)[-1]
             assert name in schemas
@@ -119,6 +124,7 @@ async def test_sse_routes_document_their_events(
         "estimated_time",
         "updated_at",
         "version",
+        "metadata",
     }
     multi = spec["paths"]["/api/v1/sse/tasks"]["get"]
     assert "ids" in {p["name"] for p in multi["parameters"]}

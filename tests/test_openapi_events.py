@@ -21,12 +21,13 @@ from httpx_sse import ServerSentEvent
 from openapi_schema_validator import OAS31Validator
 from pydantic import BaseModel
 
-from server.schemas import MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
+from server.schemas import GROUP_EVENTS, MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
 from tests.conftest import LiveServer, create_task
 from tests.sse_client import Stream, open_stream
 
 SINGLE = "/api/v1/sse/tasks/{task_id}/progress"
 MULTI = "/api/v1/sse/tasks"
+GROUP = "/api/v1/sse/groups/{group_id}/progress"
 
 # A token of 2 s (no leeway) expires on its stream well before the stream's own timeout.
 pytestmark = pytest.mark.parametrize(
@@ -56,7 +57,7 @@ async def _single_task(
 ) -> list[ServerSentEvent]:
     token = server.token()
     await create_task(sql, "s-fail")
-    await create_task(sql, "s-ok", progress=10.0)
+    await create_task(sql, "s-ok", progress=10.0, metadata='{"step": "decode"}')
     events = []
     async with open_stream(client, server.stream_url("s-fail"), token=token) as s:
         events.append(await s.next())  # the snapshot
@@ -80,7 +81,7 @@ async def _multi_task(
 ) -> list[ServerSentEvent]:
     token = server.token()
     await create_task(sql, "m-fail")
-    await create_task(sql, "m-ok")
+    await create_task(sql, "m-ok", metadata='{"file": "a.wav"}')
     await create_task(sql, "m-bobs", owner="bob")
     url = f"{server.url}{MULTI}?ids=m-fail,m-ok,m-ghost,m-bobs"
     async with open_stream(client, url, token=token) as s:
@@ -106,6 +107,32 @@ async def _owner_wide(
         events.append(await s.next())
         await sql.execute("UPDATE taskstream.tasks SET state = 'cancelled' WHERE id = 'o-new'")
         events += await _rest(s)  # ... until the timeout: o-open stays open
+    return events
+
+
+async def _group(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
+) -> list[ServerSentEvent]:
+    # Its own user, so the other scenarios' tasks do not show up here.
+    await create_task(sql, "g-fail", owner="dave", group_id="g-docs")
+    await create_task(sql, "g-away", owner="dave", group_id="g-docs")
+    url = f"{server.url}/api/v1/sse/groups/g-docs/progress"
+    async with open_stream(client, url, token=server.token("dave")) as s:
+        events = [await s.next(), await s.next()]
+        await create_task(sql, "g-new", owner="dave", group_id="g-docs", metadata='{"n": 1}')
+        events.append(await s.next())
+        await sql.execute("UPDATE taskstream.tasks SET owner_id = 'erin' WHERE id = 'g-away'")
+        events.append(await s.next())
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'g-new'")
+        await sql.execute(
+            "UPDATE taskstream.tasks SET state = 'failed', error = 'no' WHERE id = 'g-fail'"
+        )
+        await sql.execute("UPDATE taskstream.groups SET closed_at = now() WHERE id = 'g-docs'")
+        events += await _rest(s)
+    async with open_stream(
+        client, f"{server.url}/api/v1/sse/groups/g-none/progress", token=server.token("dave")
+    ) as s:
+        events += await _rest(s)
     return events
 
 
@@ -154,6 +181,8 @@ async def test_sse_events_on_the_wire_are_the_documented_ones(
     spec: dict[str, Any] = r.json()
     await create_task(sql, "w-single")
     await create_task(sql, "w-multi")
+    await create_task(sql, "w-group", group_id="w-g")
+    group_url = f"{server.url}/api/v1/sse/groups/w-g/progress"
     short = server.token(ttl=2)
 
     async def driven() -> tuple[list[ServerSentEvent], list[ServerSentEvent]]:
@@ -162,6 +191,13 @@ async def test_sse_events_on_the_wire_are_the_documented_ones(
         multi = await _multi_task(server, client, sql)
         return single, multi + await _owner_wide(server, client, sql)
 
+    async def group_driven() -> list[ServerSentEvent]:
+        conn = await asyncpg.connect(server.settings.database_url)
+        try:
+            return await _group(server, client, conn)
+        finally:
+            await conn.close()
+
     async with asyncio.timeout(30):
         (
             (single, multi),
@@ -169,12 +205,18 @@ async def test_sse_events_on_the_wire_are_the_documented_ones(
             single_expired,
             multi_timeout,
             multi_expired,
+            group,
+            group_timeout,
+            group_expired,
         ) = await asyncio.gather(
             driven(),
             _left_alone(client, server.stream_url("w-single"), server.token()),
             _left_alone(client, server.stream_url("w-single"), short),
             _left_alone(client, f"{server.url}{MULTI}?ids=w-multi", server.token()),
             _left_alone(client, f"{server.url}{MULTI}?ids=w-multi", short),
+            group_driven(),
+            _left_alone(client, group_url, server.token()),
+            _left_alone(client, group_url, short),
         )
     # Each left-alone stream ended the way it was meant to, so every kind is really covered.
     assert single_timeout[-1].event == multi_timeout[-1].event == "timeout"
@@ -182,3 +224,5 @@ async def test_sse_events_on_the_wire_are_the_documented_ones(
     assert json.loads(multi_expired[-1].data) == {"error": "Token expired"}
     _check_route(spec, SINGLE, SINGLE_TASK_EVENTS, [*single, *single_timeout, *single_expired])
     _check_route(spec, MULTI, MULTI_TASK_EVENTS, [*multi, *multi_timeout, *multi_expired])
+    assert group[-1].event == "error" and group[-2].event == "group_complete"
+    _check_route(spec, GROUP, GROUP_EVENTS, [*group, *group_timeout, *group_expired])

@@ -120,10 +120,15 @@ async def test_conflated_states_are_counted(
     server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection
 ) -> None:
     await create_task(sql, "t1")
-    # A multi-task stream: a single-task stream whose socket has drained writes each state on the
-    # spot (server/stream/session.py, direct_write) and conflates only for a slow client.
+    # Over HTTP/2 (h2c): an HTTP/1.1 stream whose socket has drained writes each state on the spot
+    # (server/stream/session.py, direct_write) and conflates only for a slow client; an HTTP/2
+    # stream always takes the mailbox, where states that arrive together are conflated.
     url = f"{server.url}/api/v1/sse/tasks?ids=t1"
-    async with open_stream(client, url, token=server.token()) as s:
+    async with (
+        httpx.AsyncClient(http1=False, http2=True, timeout=10) as h2c,
+        open_stream(h2c, url, token=server.token()) as s,
+    ):
+        assert s.response.http_version == "HTTP/2"
         await s.next()
         before = await scrape(client, server.url)
         # One transaction: its three notifications arrive together, before the stream runs, so
@@ -316,12 +321,16 @@ async def test_metrics_add_up_across_workers(database_url: str, sql: asyncpg.Con
 def test_a_coalesced_write_is_counted_event_by_event() -> None:
     # The kinds and the close reason are recorded where the events are made, never parsed back
     # out of the bytes written (rewording a message cannot change a metric label).
+    from types import SimpleNamespace
+
+    from server.stream.mailbox import Subscription
     from server.stream.observe import CloseReason
     from server.stream.session import StreamSession
     from server.tasks import TaskState
 
-    stream = StreamSession(None, None, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
-    stream.resume_id = lambda: None  # type: ignore[method-assign]
+    # StreamSession has __slots__: its resume id comes from a real mailbox, not a patched method.
+    lease = SimpleNamespace(sub=Subscription("alice", {"t1", "t2"}, None))
+    stream = StreamSession(None, lease, None, open_ids={"t1", "t2"}, multi=True, order=["t1", "t2"])  # type: ignore[arg-type]
     state = TaskState(id="t1", owner_id="alice", version=2, state="success")
     chunk = b"".join(stream.finish(state))
     assert chunk.count(b"\n\n") == 2

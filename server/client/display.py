@@ -5,6 +5,7 @@ Pure formatting, no I/O beyond the stream it is given: :mod:`server.client.watch
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -46,9 +47,14 @@ def progress_line(data: dict[str, Any]) -> str:
     line = f"{render_bar(progress)} {progress:5.1f}%  {clean(state)}"
     # A finished task has no time left: no "ETA", even from a server that sends the writer's
     # last estimate with the final state.
-    if state in TERMINAL_STATES:
-        return line
-    return f"{line}  ETA {format_eta(data.get('estimated_time'))}"
+    if state not in TERMINAL_STATES:
+        line = f"{line}  ETA {format_eta(data.get('estimated_time'))}"
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and metadata:
+        # The task's own fields (current file, step), compact and cut to stay on one line.
+        text = clean(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False))
+        line = f"{line}  {text if len(text) <= 60 else text[:59] + '…'}"
+    return line
 
 
 @dataclass
@@ -59,8 +65,14 @@ class Display:
     tty: bool
     drawn: bool = False
 
-    def show(self, data: dict[str, Any]) -> None:
+    def show(self, data: dict[str, Any], *, label: str | None = None) -> None:
         line = progress_line(data)
+        if label is not None:
+            # A group's tasks share the screen: one line per change, each named.
+            self.close()
+            self.out.write(f"{clean(label)}  {line}\n")
+            self.out.flush()
+            return
         if self.tty:
             self.out.write("\r\x1b[K" + line)
             self.drawn = True

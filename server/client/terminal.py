@@ -50,6 +50,7 @@ from server.client.watch import (
     error_text,
     token_file,
     watch,
+    watch_group,
 )
 
 __all__ = ["TERMINAL_STATES", "add_commands", "format_eta", "progress_line", "render_bar"]
@@ -209,12 +210,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     if token is None:
         print("error: no token (--token, --token-file or TASKSTREAM_TOKEN; see `taskstream token`)")
         return EXIT_ERROR
+    if (args.task_id is None) == (args.group is None):
+        print("error: give a task id or --group GROUP_ID (one of the two)")
+        return EXIT_ERROR
     display = Display(sys.stderr, tty=sys.stderr.isatty())
     started = time.monotonic()
     try:
-        outcome = asyncio.run(
-            watch(_url(args), token, args.task_id, display, give_up_after=args.timeout)
-        )
+        if args.group is not None:
+            outcome = asyncio.run(
+                watch_group(_url(args), token, args.group, display, give_up_after=args.timeout)
+            )
+        else:
+            outcome = asyncio.run(
+                watch(_url(args), token, args.task_id, display, give_up_after=args.timeout)
+            )
     except KeyboardInterrupt:
         display.close()
         print(f"interrupted after {time.monotonic() - started:.0f} s")
@@ -254,14 +263,17 @@ def add_commands(sub: Any, local_tasks: Callable[[], LocalTasks]) -> None:
     """
     watch_p = sub.add_parser(
         "watch",
-        help="follow a task live; exit 0 success, 1 failed/cancelled, 2 error/timeout",
+        help="follow a task (or a group) live; exit 0 success, 1 failed/cancelled, 2 error/timeout",
         description=(
             "Follow a task's SSE stream with a progress bar (on stderr). The last line on stdout "
             "says how it ended. Exit 0 on success, 1 on failed or cancelled, 2 on an error "
-            "event, a timeout or any other error."
+            "event, a timeout or any other error. With --group, follow every task of a group "
+            "(one line per change, each named) until the group is closed and all its tasks "
+            "ended: exit 0 if all succeeded, else 1."
         ),
     )
-    watch_p.add_argument("task_id")
+    watch_p.add_argument("task_id", nargs="?")
+    watch_p.add_argument("--group", help="follow every task of this group instead of one task")
     _client_options(watch_p, db_option=False)
     watch_p.add_argument(
         "--token-file",

@@ -1,4 +1,5 @@
-"""``taskstream watch``'s SSE loop: follow one task's stream to its end and say how it ended.
+"""``taskstream watch``'s SSE loop: follow one task's stream (or a group's, ``--group``) to its
+end and say how it ended.
 
 A real SSE client (httpx + httpx-sse, the ``client`` extra, imported only when a watch runs): it
 resumes with ``Last-Event-ID`` after a dropped connection or a server restart, backs off on 429
@@ -28,6 +29,7 @@ __all__ = [
     "error_text",
     "token_file",
     "watch",
+    "watch_group",
 ]
 
 EXIT_SUCCESS, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
@@ -51,6 +53,8 @@ class _WatchState:
     news: bool = False
     connected: bool = False
     last: dict[str, Any] = field(default_factory=dict)
+    # Group watch: how each task of the group ended ("success", "failed", "not found"...).
+    ended: dict[str, str] = field(default_factory=dict)
 
 
 def error_text(response: httpx.Response) -> str:
@@ -108,26 +112,52 @@ async def watch(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> Outcome:
     """Follow one task's stream until it ends; the outcome says how (and which exit code)."""
+    stream_url = f"{url.rstrip('/')}/api/v1/sse/tasks/{quote(task_id, safe='')}/progress"
     try:
         async with asyncio.timeout(give_up_after):
-            return await _watch(url, token, task_id, display, transport)
+            return await _watch(url, token, stream_url, display, transport, _handle, _final)
     except TimeoutError:
         return Outcome(EXIT_ERROR, f"timeout: no final state within {give_up_after:g} s")
+
+
+async def watch_group(
+    url: str,
+    token: str | TokenSource,
+    group_id: str,
+    display: Display,
+    *,
+    give_up_after: float | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Outcome:
+    """Follow every task of a group until the group is closed and all its tasks have ended:
+    exit 0 if every task succeeded, 1 if any failed, was cancelled or was not found."""
+    stream_url = f"{url.rstrip('/')}/api/v1/sse/groups/{quote(group_id, safe='')}/progress"
+    try:
+        async with asyncio.timeout(give_up_after):
+            return await _watch(
+                url, token, stream_url, display, transport, _handle_group, _final_group
+            )
+    except TimeoutError:
+        return Outcome(EXIT_ERROR, f"timeout: the group did not end within {give_up_after:g} s")
+
+
+_Handler = Callable[[str, str, _WatchState, Display], "Outcome | None"]
 
 
 async def _watch(
     url: str,
     token: str | TokenSource,
-    task_id: str,
+    stream_url: str,
     display: Display,
     transport: httpx.AsyncBaseTransport | None,
+    handle: _Handler,
+    final: Callable[[_WatchState], Outcome],
 ) -> Outcome:
     from httpx_sse import SSEError, aconnect_sse
 
     # A fixed token that expires ends the watch; a source that is read again gets another chance.
     renewable = callable(token)
 
-    stream_url = f"{url.rstrip('/')}/api/v1/sse/tasks/{quote(task_id, safe='')}/progress"
     st = _WatchState()
     limits = httpx.Timeout(10.0, read=READ_TIMEOUT)
     async with httpx.AsyncClient(timeout=limits, transport=transport) as client:
@@ -146,7 +176,7 @@ async def _watch(
                     response = source.response
                     if response.status_code == 204:
                         # The server says there is nothing more: we already saw the end.
-                        return _final(st)
+                        return final(st)
                     if response.status_code != 200:
                         await response.aread()
                         if response.status_code in (429, 503) and st.failures < MAX_RECONNECTS:
@@ -164,7 +194,7 @@ async def _watch(
                             st.retry_ms = event.retry
                         if event.id:
                             st.last_id = event.id
-                        outcome = _handle(event.event, event.data, st, display)
+                        outcome = handle(event.event, event.data, st, display)
                         if outcome is not None and renewable and _token_expired(event.data):
                             # The server ended the stream at the token's expiry: read the
                             # source again and resume from the last version.
@@ -235,6 +265,53 @@ def _handle(kind: str, raw: str, st: _WatchState, display: Display) -> Outcome |
         if state == "cancelled":
             return Outcome(EXIT_FAILED, "cancelled")
         return Outcome(EXIT_ERROR, f"error: unknown final state {clean(state)}")
+    if kind == "error":
+        return Outcome(EXIT_ERROR, f"error: {clean(data.get('error', 'stream error'))}")
+    if kind == "timeout":
+        return Outcome(EXIT_ERROR, f"timeout: {clean(data.get('message', 'Stream timeout'))}")
+    return None
+
+
+def _group_summary(st: _WatchState) -> Outcome:
+    counts: dict[str, int] = {}
+    for how in st.ended.values():
+        counts[how] = counts.get(how, 0) + 1
+    parts = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
+    reason = f"group complete: {len(st.ended)} tasks" + (f" ({parts})" if parts else "")
+    ok = all(how == "success" for how in st.ended.values())
+    return Outcome(EXIT_SUCCESS if ok else EXIT_FAILED, reason)
+
+
+def _final_group(st: _WatchState) -> Outcome:
+    # 204 on a resume: the group had ended, and this watch saw its end before the reconnect.
+    if st.last.get("group_complete"):
+        return _group_summary(st)
+    return Outcome(EXIT_ERROR, "error: the server ended the stream")
+
+
+def _handle_group(kind: str, raw: str, st: _WatchState, display: Display) -> Outcome | None:
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    task_id = data.get("task_id")
+    if kind == "progress" and isinstance(task_id, str):
+        st.failures = 0
+        st.news = True
+        display.show(data, label=task_id)
+        return None
+    if kind == "complete" and isinstance(task_id, str):
+        st.ended[task_id] = clean(data.get("state"))
+        return None
+    if kind == "error" and isinstance(task_id, str):
+        st.news = True
+        st.ended[task_id] = "not found"
+        return None
+    if kind == "group_complete":
+        st.last = {"group_complete": True}
+        return _group_summary(st)
     if kind == "error":
         return Outcome(EXIT_ERROR, f"error: {clean(data.get('error', 'stream error'))}")
     if kind == "timeout":

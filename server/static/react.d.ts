@@ -49,3 +49,30 @@ export declare function useTaskProgress(
   token: string | (() => string | Promise<string>) | null | undefined,
   options?: UseTaskProgressOptions,
 ): TaskProgressState;
+
+export interface GroupProgressState {
+  /** Each task of the group seen so far: its latest progress. */
+  tasks: Record<string, TaskProgress>;
+  /** Each finished task: its `complete`, or `{ error }` when it was not found. */
+  results: Record<string, TaskComplete | { error: string }>;
+  /** True once the first snapshot is in hand. */
+  ready: boolean;
+  /** True once the group is closed and every task in it has ended. */
+  isComplete: boolean;
+  /** Set only when the watch ended for good (group not found, authentication refused). */
+  error: string | null;
+  errorKind: TaskStreamError["kind"] | null;
+  status: ConnectionStatus;
+  reason: StatusReason | null;
+  transport: Transport | null;
+}
+
+/**
+ * Live progress of every task of a group, including tasks that join it later; re-subscribes
+ * when groupId or baseUrl changes, or when the token goes from absent to present.
+ */
+export declare function useGroupProgress(
+  groupId: string | null | undefined,
+  token: string | (() => string | Promise<string>) | null | undefined,
+  options?: UseTaskProgressOptions,
+): GroupProgressState;

@@ -18,8 +18,13 @@
 // set only when the watch has ended for good (task not found, authentication refused), and
 // `status` shows "reconnecting" or "polling" meanwhile, with `reason` saying why.
 // A terminal state closes the stream: no request is made after it.
+//
+//   const { tasks, ready, status, isComplete, error } = useGroupProgress(groupId, getToken);
+//
+// follows every task of a group (tasks: task id -> latest progress, in the order they arrived);
+// isComplete once the group is closed and every task in it has ended.
 import { useEffect, useRef, useState } from "react";
-import { TaskStreamError, watchTask } from "./taskstream.js";
+import { TaskStreamError, watchGroup, watchTask } from "./taskstream.js";
 
 const INITIAL = {
   progress: null,
@@ -98,4 +103,67 @@ async function cancelTask({ taskId, options }, currentToken) {
   const message = typeof body?.error === "string" ? body.error : `HTTP ${response.status}`;
   const kind = response.status === 404 ? "not_found" : response.status === 401 ? "auth" : "server";
   throw new TaskStreamError(kind, message, { status: response.status, taskId });
+}
+
+const GROUP_INITIAL = {
+  tasks: {},
+  results: {},
+  ready: false,
+  isComplete: false,
+  error: null,
+  errorKind: null,
+  status: "connecting",
+  reason: null,
+  transport: null,
+};
+
+/**
+ * Live progress of every task of a group, including tasks that join it later. `token` as for
+ * useTaskProgress; `options` are passed to watchGroup. Returns { tasks, results, ready,
+ * isComplete, error, errorKind, status, reason, transport }: `tasks` maps each task id to its
+ * latest progress, `results` each finished task to its `complete` (or per-task error message).
+ */
+export function useGroupProgress(groupId, token, options = {}) {
+  const [state, setState] = useState(GROUP_INITIAL);
+  const latest = useRef({ token, options });
+  latest.current = { token, options };
+  const baseUrl = options.baseUrl ?? "";
+  const hasToken = Boolean(token);
+  const stable = useRef(null);
+  if (stable.current === null) {
+    stable.current = () => {
+      const current = latest.current.token;
+      return typeof current === "function" ? current() : current;
+    };
+  }
+  const currentToken = stable.current;
+
+  useEffect(() => {
+    setState(GROUP_INITIAL);
+    if (!groupId || !hasToken) return undefined;
+    const { onTimeout, ...watchOptions } = latest.current.options;
+    const handle = watchGroup(groupId, {
+      ...watchOptions,
+      baseUrl,
+      getToken: currentToken,
+      onProgress: (progress) =>
+        setState((s) => ({ ...s, tasks: { ...s.tasks, [progress.task_id]: progress } })),
+      onReady: () => setState((s) => ({ ...s, ready: true })),
+      onComplete: (result) =>
+        setState((s) => ({ ...s, results: { ...s.results, [result.task_id]: result } })),
+      onAllDone: () => setState((s) => ({ ...s, isComplete: true })),
+      onError: (error) =>
+        setState((s) =>
+          error.taskId
+            ? { ...s, results: { ...s.results, [error.taskId]: { error: error.message } } }
+            : { ...s, error: error.message, errorKind: error.kind },
+        ),
+      onTimeout: (data) => onTimeout?.(data),
+      onStatus: (status, { transport, reason }) =>
+        setState((s) => ({ ...s, status, reason: reason ?? null, transport })),
+    });
+    return () => handle.close();
+  }, [groupId, hasToken, baseUrl, currentToken]);
+
+  return state;
 }

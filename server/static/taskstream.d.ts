@@ -15,6 +15,8 @@ export interface TaskProgress {
   updated_at: string | null;
   /** Increases by one with each committed change; also the SSE event id. */
   version: number;
+  /** The task's own metadata (a JSON object of at most 2048 bytes); absent when it has none. */
+  metadata?: Record<string, unknown>;
 }
 
 /** The `complete` event: the task reached a terminal state. */
@@ -181,6 +183,21 @@ export declare function watchTask(taskId: string, options: WatchTaskOptions): Wa
 
 /** Watch several tasks over one connection; ids must not contain commas. */
 export declare function watchTasks(taskIds: string[], options: WatchTasksOptions): WatchHandle;
+
+export interface WatchGroupOptions extends Omit<WatchOptionsBase, "tickets" | "resumeFrom"> {
+  /** One task of the group reached a terminal state. */
+  onComplete?: (result: TaskComplete) => void;
+  /** One task is not found (error.taskId is set), or the whole watch ended (error.taskId null). */
+  onError?: (error: TaskStreamError) => void;
+  /** The group is closed and every task in it has ended; the connection is closed. */
+  onAllDone?: (results: Record<string, TaskComplete | TaskStreamError>) => void;
+}
+
+/**
+ * Watch every task of a group over one connection, including tasks that join it later, until
+ * the group is closed and all its tasks have ended. No long-poll fallback, and no tickets.
+ */
+export declare function watchGroup(groupId: string, options: WatchGroupOptions): WatchHandle;
 
 export declare function isTerminal(state: string): state is TerminalState;
 

@@ -178,6 +178,22 @@ function isEventStream(response) {
   return response.status === 200 && type.startsWith("text/event-stream") && Boolean(response.body);
 }
 
+/**
+ * The later of two group-stream resume ids: per position, the higher version. During a token
+ * refresh two streams overlap and the older one's ids lag; versions only go up, so the
+ * element-wise maximum is what was delivered.
+ */
+function mergeGroupId(current, next) {
+  if (!current || !/^[0-9.]+$/.test(current) || !/^[0-9.]+$/.test(next)) return next;
+  const a = current.split(".");
+  const b = next.split(".");
+  const out = [];
+  for (let i = 0; i < Math.max(a.length, b.length); i += 1) {
+    out.push(String(Math.max(Number(a[i] ?? 0), Number(b[i] ?? 0))));
+  }
+  return out.join(".");
+}
+
 /** Raised inside a transport to move on to the next one. */
 class Unusable extends Error {
   constructor(message, { absent = false } = {}) {
@@ -187,8 +203,9 @@ class Unusable extends Error {
 }
 
 /**
- * One watch of one task (single mode) or of a list of tasks (multi mode) over one connection.
- * It owns at most one live transport at a time.
+ * One watch of one task (single mode), of a list of tasks (multi mode) or of every task of a
+ * group (group mode: `ids` is the group id alone, the tasks arrive as they join) over one
+ * connection. It owns at most one live transport at a time.
  */
 class Watch {
   constructor(mode, ids, options) {
@@ -212,13 +229,20 @@ class Watch {
     this.EventSource =
       options.EventSource === undefined ? globalThis.EventSource ?? null : options.EventSource;
     this.fetch = options.fetch ?? globalThis.fetch?.bind(globalThis) ?? null;
-    const wanted = options.transports ?? TRANSPORTS;
+    // A group's tasks are not known up front, so there is nothing to long-poll; and tickets name
+    // task ids, so they do not open group streams.
+    const wanted = (options.transports ?? TRANSPORTS).filter(
+      (name) => mode !== "group" || name !== "poll",
+    );
+    if (mode === "group" && options.tickets) {
+      throw new TypeError("watchGroup cannot use tickets: use a token or getToken");
+    }
     for (const name of wanted) {
       if (!TRANSPORTS.includes(name)) throw new TypeError(`unknown transport ${name}`);
     }
     this.ladder = TRANSPORTS.filter((name) => wanted.includes(name));
     this.versions = new Map(); // task id -> last version delivered
-    this.pending = new Set(ids); // tasks not yet terminal
+    this.pending = new Set(mode === "group" ? [] : ids); // tasks not yet terminal
     this.notFound = 0;
     this.results = {};
     this.lastState = new Map(); // task id -> last progress data
@@ -227,7 +251,8 @@ class Watch {
     // Only a complete set is usable: the positional resume id cannot say "never seen" for one
     // task (the server would take 0 for "seen nothing" and stay silent about a missing task).
     const from = options.resumeFrom ?? null;
-    this.resumed = from !== null && ids.every((id) => Number.isInteger(from[id]));
+    this.resumed =
+      mode !== "group" && from !== null && ids.every((id) => Number.isInteger(from[id]));
     if (this.resumed) {
       for (const id of ids) this.versions.set(id, from[id]);
       this.lastEventId = this.resumeId(true);
@@ -345,7 +370,7 @@ class Watch {
 
   handle(type, raw, id) {
     if (this.closed) return;
-    if (id) this.lastEventId = id;
+    if (id) this.lastEventId = this.mode === "group" ? mergeGroupId(this.lastEventId, id) : id;
     let data;
     try {
       data = JSON.parse(raw);
@@ -356,6 +381,9 @@ class Watch {
     else if (type === "complete") this.onComplete(data);
     else if (type === "error") this.onServerError(data);
     else if (type === "timeout") this.onTimeout(data);
+    else if (type === "group_complete" && this.mode === "group") {
+      this.finish(this.opts.onAllDone, this.results, "complete");
+    }
   }
 
   taskIdOf(data) {
@@ -364,6 +392,9 @@ class Watch {
 
   onProgress(data) {
     const taskId = this.taskIdOf(data);
+    if (this.mode === "group" && typeof taskId === "string" && !(taskId in this.results)) {
+      this.pending.add(taskId); // a task of the group, maybe one that joined it just now
+    }
     if (!this.pending.has(taskId)) return;
     const seen = this.versions.get(taskId);
     // Two streams overlap during a token refresh, and a resumed stream may repeat the last
@@ -373,7 +404,10 @@ class Watch {
     if (data.task_id === undefined) data = { task_id: taskId, ...data };
     this.lastState.set(taskId, data);
     callSafely(this.opts.onProgress, data);
-    if (this.mode === "single" || this.versions.size + this.notFound >= this.ids.length) {
+    if (
+      this.mode !== "multi" ||
+      this.versions.size + this.notFound >= this.ids.length
+    ) {
       this.markReady();
     }
   }
@@ -390,6 +424,9 @@ class Watch {
       const v = this.versions.get(this.ids[0]);
       return v === undefined ? this.lastEventId : String(v);
     }
+    // A group's id is positional over its tasks in the order they joined, which only the
+    // server knows: the highest id seen (see mergeGroupId) is where to resume.
+    if (this.mode === "group") return this.lastEventId;
     return this.ids.map((id) => String(this.versions.get(id) ?? 0)).join(".");
   }
 
@@ -410,6 +447,10 @@ class Watch {
 
   onServerError(data) {
     const message = typeof data.error === "string" ? data.error : "Stream error";
+    if (this.mode === "group" && data.task_id == null && /group not found/i.test(message)) {
+      this.fail(new TaskStreamError("not_found", message));
+      return;
+    }
     if (data.task_id == null && /token/i.test(message)) {
       this.onTokenExpired(message);
       return;
@@ -453,6 +494,8 @@ class Watch {
   }
 
   maybeAllDone() {
+    // A group ends with the server's `group_complete`: another task may still join it.
+    if (this.mode === "group") return;
     if (this.pending.size === 0) this.finish(this.opts.onAllDone, this.results, "complete");
   }
 
@@ -508,6 +551,9 @@ class Watch {
   }
 
   streamPath() {
+    if (this.mode === "group") {
+      return [`/api/v1/sse/groups/${encodeURIComponent(this.ids[0])}/progress`, {}];
+    }
     if (this.mode === "single") {
       return [`/api/v1/sse/tasks/${encodeURIComponent(this.ids[0])}/progress`, {}];
     }
@@ -631,7 +677,7 @@ class Watch {
           this.setStatus("live");
           this.handle(type, ev.data, ev.lastEventId);
         };
-        for (const type of ["progress", "complete", "timeout"]) {
+        for (const type of ["progress", "complete", "timeout", "group_complete"]) {
           es.addEventListener(type, onEvent(type));
         }
         es.addEventListener("open", () => {
@@ -1102,4 +1148,18 @@ export function watchTasks(taskIds, options) {
     throw new TypeError("watchTasks needs a non-empty list of task ids without commas");
   }
   return new Watch("multi", ids, options).handleObject();
+}
+
+/**
+ * Watch every task of a group over one connection (GET /api/v1/sse/groups/{id}/progress),
+ * including tasks that join it after the watch started. `onProgress`, `onComplete` and
+ * `onError` are called per task; `onAllDone(results)` once the group is closed and every task in
+ * it has ended (the server's `group_complete`), and the connection is closed then. A group that
+ * does not exist, or is not yours, ends the watch with `onError` (kind "not_found").
+ */
+export function watchGroup(groupId, options) {
+  if (typeof groupId !== "string" || groupId === "") {
+    throw new TypeError("watchGroup needs a group id");
+  }
+  return new Watch("group", [groupId], options).handleObject();
 }

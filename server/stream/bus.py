@@ -43,7 +43,7 @@ from server import metrics
 from server.stream.listener import OnChange, OnResync
 from server.stream.relay import RelayElection
 from server.stream.subjects import Subjects
-from server.tasks import TaskState
+from server.tasks import GroupClosed, parse_notification
 
 __all__ = ["BusUnavailable", "NatsBus", "check_reachable"]
 
@@ -284,12 +284,15 @@ class NatsBus:
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
-            state = TaskState.from_notification(msg.data.decode())
+            state = parse_notification(msg.data.decode())
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             logger.warning("bus ignored a malformed message")
             return
         self.messages += 1
         metrics.BUS_MESSAGES.inc()
+        if isinstance(state, GroupClosed):
+            self._on_change(state)  # closing twice is harmless
+            return
         if self.subjects.task(state.id) in self._want:
             last = self._last.get(state.id)
             if last is not None:

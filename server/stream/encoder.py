@@ -24,6 +24,8 @@ __all__ = [
     "comment",
     "complete_event",
     "encode",
+    "group_complete_event",
+    "group_not_found_event",
     "multi_progress_event",
     "not_found_event",
     "progress_event",
@@ -118,6 +120,18 @@ def _encode_complete(task: TaskState, with_task_id: bool) -> bytes:
     if task.state == "failed":
         body["error"] = task.error
     return encode(json.dumps(body), event="complete")
+
+
+def group_complete_event(group_id: str, tasks: int, *, event_id: str | None) -> bytes:
+    """The last event of a group stream: the group is closed and every task in it is terminal.
+    Its ``id`` is the final resume id, which a reconnect turns into 204."""
+    body = {"group_id": group_id, "tasks": tasks}
+    return encode(json.dumps(body), event="group_complete", id=event_id)
+
+
+def group_not_found_event() -> bytes:
+    """The one event of a stream on a group that does not exist or is not the caller's."""
+    return encode(json.dumps({"error": "Group not found"}), event="error", id=END_OF_STREAM_ID)
 
 
 def not_found_event(task_id: str | None = None, *, event_id: str | None = None) -> bytes:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from server import db, metrics
-from server.tasks import TaskState
+from server.tasks import Change, parse_notification
 
 __all__ = [
     "CHANNEL",
@@ -48,8 +48,9 @@ SELFCHECK_CHANNEL = "taskstream_selfcheck"
 # Shown in pg_stat_activity, so operators (and tests) can find each process's LISTEN connection.
 LISTENER_APP_NAME = "taskstream-listener"
 
-# One committed state, handed over synchronously (it must not block: it runs per change).
-OnChange = Callable[[TaskState], None]
+# One committed state (or a group's closing), handed over synchronously (it must not block: it
+# runs per change).
+OnChange = Callable[[Change], None]
 
 
 class OnResync(Protocol):
@@ -142,7 +143,7 @@ class PgListener:
         self.notifications += 1
         metrics.NOTIFICATIONS.inc()
         try:
-            state = TaskState.from_notification(payload)
+            state = parse_notification(payload)
         except (ValueError, KeyError, TypeError):
             logger.warning("ignored a malformed notification on channel %s", CHANNEL)
             return

@@ -7,13 +7,78 @@ takes what is pending when it wakes. Memory per client stays bounded however slo
 from __future__ import annotations
 
 import asyncio
+import heapq
+import weakref
 from collections.abc import Callable
 from datetime import datetime
 
 from server import metrics
 from server.tasks import TaskState
 
-__all__ = ["Subscription"]
+__all__ = ["Deadlines", "Subscription"]
+
+
+class Deadlines:
+    """One timer per event loop for the next deadline of every waiting mailbox.
+
+    A timer per stream (a loop ``TimerHandle`` and uvloop's timer behind it) cost about 1.2 KB
+    of every open stream (bench/heapprofile.py). Here a heap holds (deadline, sequence, mailbox)
+    and one loop timer is armed for the earliest. An entry whose mailbox has since moved its
+    deadline, or was released, is skipped when it comes up: a stream's deadline only moves
+    after it passed (a heartbeat was written), so the heap holds about one entry per stream.
+    """
+
+    __slots__ = ("__weakref__", "_heap", "_loop", "_seq", "_timer", "_timer_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[tuple[float, int, Subscription]] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> Deadlines:
+        """The deadlines of ``loop`` (made on first use, gone with the loop)."""
+        found = _DEADLINES.get(loop)
+        if found is None:
+            found = _DEADLINES[loop] = cls(loop)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def arm(self, sub: Subscription, when: float) -> None:
+        """Wake ``sub`` at ``when`` unless it has armed another deadline by then."""
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, sub))
+        if self._timer is None or when < self._timer_at:
+            self._schedule(when)
+
+    def _schedule(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._fire)
+        self._timer_at = when
+
+    def _fire(self) -> None:
+        self._timer = None
+        heap = self._heap
+        now = self._loop.time()
+        while heap and heap[0][0] <= now:
+            when, _, sub = heapq.heappop(heap)
+            if sub._deadline == when:
+                sub._deadline = 0.0  # fired: the next wait arms again, even at the same time
+                sub._wake()
+        if heap:
+            # A timer that fires a fraction of a millisecond early finds nothing due yet and
+            # comes back at once.
+            self._schedule(heap[0][0])
+
+
+_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Subscription:
@@ -29,32 +94,43 @@ class Subscription:
         "conflated",
         "created_after",
         "direct",
+        "group_closed",
+        "group_id",
         "owner_id",
         "pending",
         "sent",
         "task_ids",
         "user_id",
-        "_timer",
-        "_timer_at",
+        "_deadline",
         "_waiter",
         "__weakref__",
     )
 
-    def __init__(self, user_id: str, task_ids: set[str], owner_id: str | None) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        task_ids: set[str],
+        owner_id: str | None,
+        group_id: str | None = None,
+    ) -> None:
         self.user_id = user_id
         self.task_ids = task_ids
         # Set for a stream that follows every task of this owner, including tasks created later.
         self.owner_id = owner_id
+        # Set for a stream that follows every task of this group, including tasks created later;
+        # group_closed once its owner closed it (no task joins it any more).
+        self.group_id = group_id
+        self.group_closed = False
         self.pending: dict[str, TaskState] = {}
         # Highest version handed to the client per task; older or equal versions are dropped.
         self.sent: dict[str, int] = {}
         # The stream's wait: a bare future, made only while it waits. An asyncio.Event per
         # mailbox cost more than the socket write when one update woke thousands of streams.
         self._waiter: asyncio.Future[None] | None = None
-        # One timer per stream for its next deadline (heartbeat, timeout, token expiry), kept
-        # across waits: re-armed when that deadline moves, not once per event.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        # The stream's next deadline (heartbeat, timeout, token expiry) as armed in the loop's
+        # shared Deadlines, kept across waits: armed again when it moves, not once per event.
+        # 0.0: none armed (or fired); -1.0: released.
+        self._deadline = 0.0
         # Set by a stream that can write an event to its socket on the spot (see
         # server/stream/session.py, direct_write): called only while the stream is parked in
         # wait() with nothing pending, so it never overtakes a state the stream still has to
@@ -98,20 +174,14 @@ class Subscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _on_timer(self) -> None:
-        self._timer = None  # fired (maybe a millisecond early): the next wait arms it again
-        self._wake()
-
     async def wait(self, until: float) -> None:
         """Sleep until something is offered, :meth:`close` is called, or the loop clock reaches
         ``until``. The caller checks ``pending`` first: there is no await between that check
         and this call, so nothing offered in between can be missed."""
         loop = asyncio.get_running_loop()
-        if self._timer is None or self._timer_at != until:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(until, self._on_timer)
-            self._timer_at = until
+        if self._deadline != until:
+            self._deadline = until
+            Deadlines.of(loop).arm(self, until)
         waiter = self._waiter = loop.create_future()
         try:
             await waiter
@@ -127,12 +197,10 @@ class Subscription:
         return self.sent.get(task_id, 0)
 
     def release(self) -> None:
-        """Drop the timer and the direct writer (the registry calls this when the mailbox is
+        """Drop the deadline and the direct writer (the registry calls this when the mailbox is
         removed)."""
         self.direct = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = -1.0  # its entry in the loop's Deadlines is skipped when it comes up
 
     def take(self) -> list[TaskState]:
         """Everything pending, oldest version first, and mark it as handed over."""
@@ -154,6 +222,12 @@ class Subscription:
     def mark_sent(self, state: TaskState) -> None:
         if state.version > self.sent.get(state.id, 0):
             self.sent[state.id] = state.version
+
+    def mark_group_closed(self) -> None:
+        """The group this stream follows was closed: wake the stream so it can tell whether it
+        is done."""
+        self.group_closed = True
+        self._wake()
 
     def close(self, reason: str) -> None:
         """Ask the stream to end (server shutdown); it sends a final ``retry:`` and closes."""

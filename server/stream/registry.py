@@ -12,6 +12,7 @@ the owner-wide rules, and releases on every exit path.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Collection, Iterable
 from datetime import datetime
 from types import TracebackType
@@ -21,12 +22,14 @@ import asyncpg
 
 from server import db
 from server.stream.mailbox import Subscription
-from server.tasks import TaskState
+from server.tasks import Change, GroupClosed, TaskState
 
 if TYPE_CHECKING:
     from server.stream.listener import ChangeSource
 
 __all__ = ["Lease", "Registry", "StreamLimitExceeded", "is_new_for_owner_stream"]
+
+logger = logging.getLogger(__name__)
 
 
 class StreamLimitExceeded(RuntimeError):
@@ -68,16 +71,31 @@ class Registry:
         self.max_streams_per_user = max_streams_per_user
         self._by_task: dict[str, set[Subscription]] = {}
         self._by_owner: dict[str, set[Subscription]] = {}
+        self._by_group: dict[str, set[Subscription]] = {}
+        # Owners whose changes the source must deliver: one count per owner-wide or group stream.
+        self._owner_interest: dict[str, int] = {}
         self._per_user: dict[str, int] = {}
         self._all: set[Subscription] = set()
-        # Counter read by tests.
+        # Rows being read because their notification left the metadata out ("fetch": true),
+        # with the changes of the same task that arrived meanwhile, in order behind the read.
+        self._fetching: dict[str, list[TaskState]] = {}
+        self._fetches: set[asyncio.Task[None]] = set()
+        # Group closings held back while a read is in flight: a task's state read late must not
+        # arrive after its group's closing (the stream would end without it).
+        self._held_closes: list[GroupClosed] = []
+        # Counters read by tests.
         self.resyncs = 0
+        self.fetches = 0
 
     async def start(self) -> None:
         await self.source.start(self.dispatch, self.resync)
 
     async def stop(self) -> None:
         await self.source.stop()
+        fetches = list(self._fetches)
+        for task in fetches:
+            task.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
 
     @property
     def connected(self) -> asyncio.Event:
@@ -93,32 +111,57 @@ class Registry:
         return frozenset(self._all)
 
     def open(
-        self, user_id: str, task_ids: Iterable[str] = (), *, owner_wide: bool = False
+        self,
+        user_id: str,
+        task_ids: Iterable[str] = (),
+        *,
+        owner_wide: bool = False,
+        group_id: str | None = None,
     ) -> Lease:
         """A stream's (or long poll's) hold on the registry: ``async with registry.open(...)``."""
-        return Lease(self, user_id, task_ids, owner_wide)
+        return Lease(self, user_id, task_ids, owner_wide, group_id)
 
     # -- the indexes (used by Lease and dispatch only) -----------------------------------------
 
     def _subscribe(
-        self, user_id: str, task_ids: Iterable[str], owner_id: str | None
+        self,
+        user_id: str,
+        task_ids: Iterable[str],
+        owner_id: str | None,
+        group_id: str | None = None,
     ) -> Subscription:
         if len(self._all) >= self.max_streams:
             raise StreamLimitExceeded("process")
         if self._per_user.get(user_id, 0) >= self.max_streams_per_user:
             raise StreamLimitExceeded("user")
-        sub = Subscription(user_id, set(task_ids), owner_id)
+        sub = Subscription(user_id, set(task_ids), owner_id, group_id)
         self._all.add(sub)
         self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
         for tid in sub.task_ids:
             self._add_task(tid, sub)
         if owner_id is not None:
-            owners = self._by_owner.get(owner_id)
-            if owners is None:
-                owners = self._by_owner[owner_id] = set()
-                self.source.watch_owner(owner_id)
-            owners.add(sub)
+            self._by_owner.setdefault(owner_id, set()).add(sub)
+            self._want_owner(owner_id)
+        if group_id is not None:
+            self._by_group.setdefault(group_id, set()).add(sub)
+            # A group's new tasks are its owner's: the source must deliver that owner's changes
+            # (and the group's closing, which travels with them).
+            self._want_owner(user_id)
         return sub
+
+    def _want_owner(self, owner_id: str) -> None:
+        count = self._owner_interest.get(owner_id, 0)
+        self._owner_interest[owner_id] = count + 1
+        if count == 0:
+            self.source.watch_owner(owner_id)
+
+    def _unwant_owner(self, owner_id: str) -> None:
+        count = self._owner_interest.get(owner_id, 0) - 1
+        if count > 0:
+            self._owner_interest[owner_id] = count
+        else:
+            self._owner_interest.pop(owner_id, None)
+            self.source.unwatch_owner(owner_id)
 
     def _add_task(self, task_id: str, sub: Subscription) -> None:
         subs = self._by_task.get(task_id)
@@ -161,12 +204,77 @@ class Registry:
                 owners.discard(sub)
                 if not owners:
                     del self._by_owner[sub.owner_id]
-                    self.source.unwatch_owner(sub.owner_id)
+            self._unwant_owner(sub.owner_id)
+        if sub.group_id is not None:
+            groups = self._by_group.get(sub.group_id)
+            if groups is not None:
+                groups.discard(sub)
+                if not groups:
+                    del self._by_group[sub.group_id]
+            self._unwant_owner(sub.user_id)
 
     # -- the data path ---------------------------------------------------------------------------
 
-    def dispatch(self, state: TaskState) -> None:
-        """Hand one committed state to every mailbox that wants it."""
+    def dispatch(self, change: Change) -> None:
+        """Hand one committed state (or a group's closing) to every mailbox that wants it.
+
+        A state whose notification left the metadata out (``fetch``) is read from the database
+        first, off this callback; later changes of that task wait behind the read, so each
+        task's states still arrive in commit order.
+        """
+        if isinstance(change, GroupClosed):
+            if self._fetching:
+                self._held_closes.append(change)
+            else:
+                self._close_group(change)
+            return
+        queued = self._fetching.get(change.id)
+        if queued is not None:
+            queued.append(change)
+        elif change.fetch and self._watched(change):
+            self._fetching[change.id] = []
+            task = asyncio.get_running_loop().create_task(self._fetch(change))
+            self._fetches.add(task)
+            task.add_done_callback(self._fetches.discard)
+        else:
+            self._deliver(change)
+
+    def _watched(self, state: TaskState) -> bool:
+        """Whether any mailbox may take this state (a row nobody watches is not read)."""
+        return (
+            state.id in self._by_task
+            or state.owner_id in self._by_owner
+            or (state.group_id is not None and state.group_id in self._by_group)
+        )
+
+    async def _fetch(self, state: TaskState) -> None:
+        """Read the row of a notification that left its metadata out, then deliver it and
+        whatever queued behind it."""
+        self.fetches += 1
+        fetched: TaskState | None = state
+        try:
+            fetched = (await db.fetch_tasks(self.pool, [state.id])).get(state.id)
+        except db.DATABASE_ERRORS as exc:
+            # The state still goes out, without its metadata: better than holding the task.
+            logger.warning("could not read a task's metadata: %s", type(exc).__name__)
+        finally:
+            queue = self._fetching.pop(state.id, [])
+        # None: deleted since; its deletion is in the queue or on its way.
+        if fetched is not None:
+            self._deliver(fetched if fetched.version >= state.version else state)
+        for later in queue:
+            self.dispatch(later)  # a later "fetch" starts another read; the rest queue behind it
+        if not self._fetching:
+            held, self._held_closes = self._held_closes, []
+            for closed in held:
+                self._close_group(closed)
+
+    def _close_group(self, closed: GroupClosed) -> None:
+        for sub in list(self._by_group.get(closed.group_id, ())):
+            if sub.user_id == closed.owner_id:
+                sub.mark_group_closed()
+
+    def _deliver(self, state: TaskState) -> None:
         subs = self._by_task.get(state.id)
         if subs:
             foreign: list[Subscription] = []
@@ -187,6 +295,15 @@ class Registry:
                 ):
                     self._watch(sub, state.id)
                     sub.offer(state)
+        if state.group_id is not None and not state.deleted:
+            groups = self._by_group.get(state.group_id)
+            if groups:
+                for sub in groups:
+                    # A group stream shows only its user's tasks: a task given to someone else
+                    # is not picked up again (it had its not-found ending above).
+                    if state.id not in sub.task_ids and state.owner_id == sub.user_id:
+                        self._watch(sub, state.id)
+                        sub.offer(state)
 
     async def resync(
         self, task_ids: Collection[str] | None = None, owners: Collection[str] | None = None
@@ -199,16 +316,23 @@ class Registry:
         those of them that are still watched."""
         ids = list(self._by_task)
         since = self._owner_cutoffs()
+        group_ids = list(self._by_group)
         if task_ids is not None or owners is not None:
             wanted = set(task_ids or ())
             ids = [tid for tid in ids if tid in wanted]
             keep = set(owners or ())
             since = {owner: cut for owner, cut in since.items() if owner in keep}
-        if not ids and not since:
+            group_ids = [
+                gid
+                for gid, subs in self._by_group.items()
+                if any(sub.user_id in keep for sub in subs)
+            ]
+        if not ids and not since and not group_ids:
             return
         try:
             rows = await db.fetch_tasks(self.pool, ids) if ids else {}
             joined = await db.fetch_joined_tasks(self.pool, since)
+            members, closed = await db.fetch_groups(self.pool, group_ids) if group_ids else ([], [])
         except db.DATABASE_ERRORS:
             return
         self.resyncs += 1
@@ -224,6 +348,11 @@ class Registry:
         for state in joined:
             if state.id not in rows:
                 self.dispatch(state)  # its owner's owner-wide streams watch it from now on
+        for state in members:
+            if state.id not in rows:
+                self.dispatch(state)  # its group's streams watch it from now on
+        for group_id, owner_id in closed:
+            self.dispatch(GroupClosed(group_id, owner_id))
 
     def _owner_cutoffs(self) -> dict[str, datetime]:
         """Per owner, the earliest snapshot of its owner-wide streams (those still reading their
@@ -247,12 +376,26 @@ class Lease:
     releases it.
     """
 
-    __slots__ = ("_kept", "_owner_wide", "_registry", "_task_ids", "_user_id", "sub")
+    __slots__ = (
+        "_group_id",
+        "_kept",
+        "_owner_wide",
+        "_registry",
+        "_task_ids",
+        "_user_id",
+        "sub",
+    )
 
     def __init__(
-        self, registry: Registry, user_id: str, task_ids: Iterable[str], owner_wide: bool
+        self,
+        registry: Registry,
+        user_id: str,
+        task_ids: Iterable[str],
+        owner_wide: bool,
+        group_id: str | None = None,
     ) -> None:
         self._registry = registry
+        self._group_id = group_id
         self._user_id = user_id
         self._task_ids = task_ids
         self._owner_wide = owner_wide
@@ -262,7 +405,10 @@ class Lease:
     async def __aenter__(self) -> Subscription:
         if self.sub is None:
             self.sub = self._registry._subscribe(
-                self._user_id, self._task_ids, self._user_id if self._owner_wide else None
+                self._user_id,
+                self._task_ids,
+                self._user_id if self._owner_wide else None,
+                self._group_id,
             )
         else:
             self._kept = False  # the response body holds it now: its exit releases
@@ -306,3 +452,19 @@ class Lease:
                 del sub.pending[tid]
                 registry._unwatch(sub, tid)
         return rows
+
+    async def group_snapshot(self) -> db.GroupView | None:
+        """Read a group stream's snapshot (the group and every task in it) and watch the
+        caller's tasks in it. None, with nothing watched, if the group is not the caller's."""
+        sub = self.sub
+        assert sub is not None and sub.group_id is not None
+        registry = self._registry
+        view = await db.fetch_group(registry.pool, sub.group_id)
+        if view is None or view.owner_id != sub.user_id:
+            return None
+        for tid, state in view.tasks.items():
+            if state.owner_id == sub.user_id:
+                registry._watch(sub, tid)
+        if view.closed:
+            sub.group_closed = True
+        return view

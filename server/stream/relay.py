@@ -65,20 +65,22 @@ class RelayListener(PgListener):
     ) -> None:
         super().__init__(dsn, check_interval=check_interval, fallback_poll=fallback_poll)
         self.subjects = subjects
-        self.queue: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str | None, str, bytes]] = asyncio.Queue()
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         metrics.NOTIFICATIONS.inc()
         try:
             head = json.loads(payload)
-            task_id, owner_id = str(head["id"]), str(head["owner_id"])
-        except (ValueError, KeyError, TypeError):
+            owner_id = str(head["owner_id"])
+            # A group's closing names no task: its owner's subject carries it to the group's
+            # streams (an instance watching a group follows its owner's subject).
+            task_id = None if "group_closed" in head and "id" not in head else str(head["id"])
+        except (ValueError, KeyError, TypeError, RecursionError):
             logger.warning("relay ignored a malformed notification")
             return
-        self.queue.put_nowait(
-            (self.subjects.task(task_id), self.subjects.owner(owner_id), payload.encode())
-        )
+        task_subject = None if task_id is None else self.subjects.task(task_id)
+        self.queue.put_nowait((task_subject, self.subjects.owner(owner_id), payload.encode()))
 
 
 class RelayElection:
@@ -213,7 +215,10 @@ class RelayElection:
         queue = listener.queue
         while True:
             task_subject, owner_subject, payload = await queue.get()
-            await self._publish(task_subject, payload)
+            sent = 1
+            if task_subject is not None:
+                await self._publish(task_subject, payload)
+                sent = 2
             await self._publish(owner_subject, payload)
-            self.published += 2
-            metrics.BUS_PUBLISHED.inc(2)
+            self.published += sent
+            metrics.BUS_PUBLISHED.inc(sent)

@@ -4,6 +4,8 @@
 - ``GET /api/v1/sse/tasks?ids=a,b,c``: many tasks on one connection (browsers allow only six
   HTTP/1.1 connections per origin); without ``ids``, every non-terminal task of the caller and
   the tasks they create later, until the timeout.
+- ``GET /api/v1/sse/groups/{group_id}/progress``: every task of one of the caller's groups,
+  including tasks created later, until the group is closed and all its tasks are terminal.
 
 Order matters for correctness: subscribe first, then read the rows, so a change committed between
 the two is in the mailbox rather than lost; versions at or below the last one sent are dropped.
@@ -15,7 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Quart, Response, request
+from quart.blueprints import BlueprintSetupState
 
 from server import db, metrics
 from server.http import authenticate, json_error, runtime, unavailable
@@ -31,20 +34,30 @@ from server.openapi import (
     summarize,
 )
 from server.runtime import Runtime
-from server.schemas import MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
+from server.schemas import GROUP_EVENTS, MULTI_TASK_EVENTS, SINGLE_TASK_EVENTS
 from server.sendtimeout import connection_of
 from server.stream import encoder
+from server.stream.asgi import StreamHTTPConnection
 from server.stream.encoder import END_OF_STREAM_ID
 from server.stream.observe import CloseReason, Ending, observed
 from server.stream.registry import StreamLimitExceeded
 from server.stream.session import StreamSession, run, single_event
-from server.tasks import MAX_TASKS_PER_STREAM, TaskState, validate_task_id
+from server.tasks import MAX_GROUP_TASKS, MAX_TASKS_PER_STREAM, TaskState, validate_task_id
 
 __all__ = ["blueprint"]
 
 logger = logging.getLogger(__name__)
 
 blueprint = Blueprint("streams", __name__)
+
+
+@blueprint.record_once
+def _streams_run_in_the_request_task(state: BlueprintSetupState) -> None:
+    # One task fewer per open stream (server/stream/asgi.py); other paths are unchanged.
+    app = state.app
+    if isinstance(app, Quart):
+        app.asgi_http_class = StreamHTTPConnection
+
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -229,6 +242,7 @@ async def tasks_stream() -> Response:
                 multi=True,
                 owner_wide=owner_wide,
                 order=order,
+                connection=connection_of(request.scope),
             )
             snapshots: list[TaskState] = []
             for tid in order:
@@ -267,3 +281,88 @@ def _parse_positional(raw: str | None, order: list[str]) -> dict[str, int] | Non
     ):
         return None
     return {tid: int(p) for tid, p in zip(order, parts, strict=True)}
+
+
+def _parse_group_resume(raw: str | None) -> dict[int, int] | None:
+    """Parse a group stream's resume id: one version per sequence number of the group, from 1,
+    dot-separated (0: not seen)."""
+    if raw is None:
+        return None
+    parts = raw.split(".")
+    if len(parts) > MAX_GROUP_TASKS or not all(
+        p.isascii() and p.isdigit() and len(p) <= 18 for p in parts
+    ):
+        return None
+    return {n: int(p) for n, p in enumerate(parts, start=1)}
+
+
+@blueprint.get("/api/v1/sse/groups/<path:group_id>/progress")
+@summarize(
+    "Stream every task of a group (Server-Sent Events).",
+    "Every task of one of your groups, as on a multi-task stream (each event carries its "
+    "`task_id`, `complete` per task), including tasks that join the group after the stream "
+    "opened. When the group is closed (`POST /api/v1/groups/{group_id}/close`) and every task "
+    "in it is terminal, a `group_complete` event ends the stream. A group that does not exist "
+    "or is not yours gives one `error` event (`Group not found`) with `id: end`. The `id` of "
+    "an event lists the versions seen, one per task of the group in the order they joined it, "
+    "for resuming. Tickets do not open group streams. " + SSE_AUTH,
+)
+@sse_responds("The event stream; every event about a task has its `task_id`.", GROUP_EVENTS)
+@responds(204, "Resumed, and the group had already ended.")
+@responds(400, "The group id is not valid (1 to 200 characters, no control characters).")
+@sse_refusals("A ticket was given: tickets do not open group streams.")
+@parameters(*SSE_PARAMETERS)
+@security({"bearerAuth": []}, {"accessToken": []})
+async def group_progress(group_id: str) -> Response:
+    # No ticket fits (None): a ticket names task ids, and a group grows after it was bought.
+    principal = await authenticate(None)
+    problem = validate_task_id(group_id)
+    if problem is not None:
+        return json_error(400, "Invalid group id", problem.replace("task id", "group id"))
+    last_id = _last_event_id()
+    if last_id == END_OF_STREAM_ID:
+        return _no_content()
+    rt = runtime()
+    refused = _refusal(rt)
+    if refused is not None:
+        return refused
+    try:
+        lease = rt.broker.open(principal.user_id, group_id=group_id)
+        async with lease as sub:
+            # Database errors here become 503 (server/http.py, unavailable).
+            view = await lease.group_snapshot()
+            if view is None:
+                return _stream_response(
+                    single_event(encoder.group_not_found_event(), "error"),
+                    Ending(CloseReason.NOT_FOUND),
+                )
+            seen = _parse_group_resume(last_id)
+            stream = StreamSession(
+                rt,
+                lease,
+                principal,
+                open_ids=set(),
+                multi=True,
+                group_id=group_id,
+                connection=connection_of(request.scope),
+            )
+            snapshots: list[TaskState] = []
+            for state in view.tasks.values():
+                if state.owner_id != principal.user_id or state.group_seq is None:
+                    continue  # given to someone else: not shown (authorization is per task)
+                stream.seqs[state.group_seq] = state.id
+                sub.mark_sent(state)
+                already = seen.get(state.group_seq, 0) if seen is not None else 0
+                if already >= state.version:
+                    if not state.terminal:
+                        stream.open_ids.add(state.id)
+                    continue
+                snapshots.append(state)
+            if seen is not None and not snapshots and stream.done:
+                return _no_content()
+            for state in snapshots:
+                stream.preamble.extend(stream.finish(state))
+            lease.keep()
+            return _stream_response(run(stream), stream.ending)
+    except StreamLimitExceeded as exc:
+        return _too_many(exc)

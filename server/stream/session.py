@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from server import metrics
 from server.auth import Principal
-from server.hypercorn_internals import Connection, progress_chunk
+from server.hypercorn_internals import Connection, frame_chunk, progress_chunk
 from server.runtime import Runtime
 from server.stream import encoder
 from server.stream.encoder import END_OF_STREAM_ID
@@ -27,7 +27,7 @@ from server.tasks import TaskState
 __all__ = ["StreamSession", "direct_write", "run", "single_event"]
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamSession:
     """What one open stream needs to remember between events."""
 
@@ -48,12 +48,22 @@ class StreamSession:
     connection: Connection | None = None
     # Why the stream ended, set where it ends (read by observed()).
     ending: Ending = field(default_factory=Ending)
+    # A group stream: the group's id, and its tasks by sequence number (for the resume id).
+    group_id: str | None = None
+    seqs: dict[int, str] = field(default_factory=dict)
 
     def resume_id(self) -> str | None:
         if not self.multi or self.owner_wide:
             return None
         sub = self.lease.sub
         assert sub is not None
+        if self.group_id is not None:
+            # One version per sequence number of the group, from 1 (0: not seen, or no task).
+            last = max(self.seqs, default=0)
+            seqs = self.seqs
+            return ".".join(
+                str(sub.sent_version(seqs[n])) if n in seqs else "0" for n in range(1, last + 1)
+            )
         return ".".join(str(sub.sent_version(tid)) for tid in self.order)
 
     def progress(self, state: TaskState) -> bytes:
@@ -70,6 +80,11 @@ class StreamSession:
             if self.multi:
                 return [encoder.not_found_event(state.id, event_id=self.resume_id())]
             return [encoder.not_found_event(event_id=END_OF_STREAM_ID)]
+        if self.group_id is not None:
+            if state.group_seq is not None:
+                self.seqs[state.group_seq] = state.id
+            if not state.terminal:
+                self.open_ids.add(state.id)  # a task that joined the group after the stream opened
         out = [self.progress(state)]
         self.kinds.append("progress")
         if state.terminal:
@@ -90,7 +105,19 @@ class StreamSession:
 
     @property
     def done(self) -> bool:
+        if self.group_id is not None:
+            # Closed (no task joins any more), every task terminal, nothing left to write.
+            sub = self.lease.sub
+            assert sub is not None
+            return sub.group_closed and not self.open_ids and not sub.pending
         return not self.open_ids and not self.owner_wide
+
+    def wants(self, state: TaskState) -> bool:
+        """Whether a state taken from the mailbox goes out on this stream."""
+        if state.id in self.open_ids or self.owner_wide:
+            return True
+        # A group stream also takes tasks new to it, but not the deletion of a finished one.
+        return self.group_id is not None and not state.deleted
 
 
 async def single_event(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
@@ -101,33 +128,44 @@ async def single_event(chunk: bytes, kind: str) -> AsyncIterator[bytes]:
 def direct_write(
     stream: StreamSession, transport: asyncio.WriteTransport
 ) -> Callable[[TaskState], bool]:
-    """Write a single-task stream's ``progress`` events to its socket from the registry's dispatch.
+    """Write a stream's ``progress`` events to its socket from the registry's dispatch.
 
     The ordinary path wakes the stream's task, which hands the event to Quart, Hypercorn and h11
     before it reaches the socket. With one update watched by thousands of streams that path was
     most of the CPU per watcher beyond the ``send()`` system call itself (bench fan-out profile).
-    Here the event, already framed as an HTTP/1.1 chunk once per state, is written on the spot.
+    Here the event is framed as an HTTP/1.1 chunk and written on the spot: for a single-task
+    stream the chunk is made once per state, whatever the number of watchers; a multi-task (or
+    group) stream's event carries its own resume id, so it is made per stream, exactly as the
+    mailbox path would make it.
 
     The mailbox calls this only while the stream is parked in ``wait()`` with nothing pending, so
     nothing the stream still has to write can be overtaken. It declines (returns False, and the
     mailbox path takes over with its conflation and the send timeout) for terminal states and
-    deletions, which end the stream, and whenever the socket has not drained what it was given:
-    a slow client never gets more than the kernel accepts. It never sees another owner's state:
-    :meth:`Subscription.offer` turns a task given to someone else into its deletion first.
+    deletions, which end the stream or one of its tasks, and whenever the socket has not drained
+    what it was given: a slow client never gets more than the kernel accepts. It never sees
+    another owner's state: :meth:`Subscription.offer` turns a task given to someone else into
+    its deletion first.
     """
     sub = stream.lease.sub
     assert sub is not None
     open_ids = stream.open_ids
+    owner_wide = stream.owner_wide
+    multi = stream.multi
     tally = metrics.TALLY
     progress_event = encoder.progress_event
 
     def write(state: TaskState) -> bool:
-        if state.terminal or state.deleted or state.id not in open_ids:
+        if state.terminal or state.deleted or not (owner_wide or state.id in open_ids):
             return False
         if transport.is_closing() or transport.get_write_buffer_size():
             return False
-        transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
-        sub.mark_sent(state)
+        if multi:
+            # Marked first: the event's resume id lists the versions handed over, this one too.
+            sub.mark_sent(state)
+            transport.write(frame_chunk(stream.progress(state)))
+        else:
+            transport.write(state.memo_chunk or progress_chunk(state, progress_event(state)))
+            sub.mark_sent(state)
         tally.count_sent("progress")
         tally.direct_writes += 1
         observe_push((state,))
@@ -155,7 +193,7 @@ async def run(stream: StreamSession) -> AsyncIterator[bytes]:
         yield b"".join([encoder.retry_field(settings.retry_ms), *stream.preamble])
         stream.count_sent("retry")
         # The response has started: from now on, progress may go straight to the socket.
-        if stream.connection is not None and not stream.multi and not stream.owner_wide:
+        if stream.connection is not None:
             transport = stream.connection.chunked_transport()
             if transport is not None:
                 sub.attach_direct(direct_write(stream, transport))
@@ -164,7 +202,7 @@ async def run(stream: StreamSession) -> AsyncIterator[bytes]:
                 chunks: list[bytes] = []
                 pushed: list[TaskState] = []
                 for state in sub.take():
-                    if state.id in stream.open_ids or stream.owner_wide:
+                    if stream.wants(state):
                         chunks.extend(stream.finish(state))
                         pushed.append(state)
                 if chunks:
@@ -195,3 +233,9 @@ async def run(stream: StreamSession) -> AsyncIterator[bytes]:
                 continue
             # No await since the check of sub.pending above, so no offer can be missed.
             await sub.wait(min(deadline, next_beat, token_deadline))
+        if stream.group_id is not None:
+            yield encoder.group_complete_event(
+                stream.group_id, len(stream.seqs), event_id=stream.resume_id()
+            )
+            stream.count_sent("complete")
+            ending.reason = CloseReason.COMPLETE

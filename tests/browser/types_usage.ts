@@ -7,13 +7,19 @@ import {
   TaskStreamError,
   watchTask,
   watchTasks,
+  watchGroup,
   type ConnectionStatus,
   type StatusReason,
   type TaskComplete,
   type TaskProgress,
   type WatchHandle,
 } from "../../server/static/taskstream.js";
-import { useTaskProgress, type TaskProgressState } from "../../server/static/react.js";
+import {
+  useGroupProgress,
+  useTaskProgress,
+  type GroupProgressState,
+  type TaskProgressState,
+} from "../../server/static/react.js";
 import { canShareConnection, shareConnection, type TabHub } from "../../server/static/shared.js";
 
 const handle: WatchHandle = watchTask("task_abc123", {
@@ -76,3 +82,18 @@ sub.close();
 console.log(hub.isLeader, hub.shared, canShareConnection());
 // @ts-expect-error: a hub needs a token or getToken... of the right type
 shareConnection({ token: 42 });
+
+// Groups: every task of a batch on one connection, with each task's metadata.
+const group: WatchHandle = watchGroup("batch_1", {
+  getToken: () => "token",
+  onProgress: (p: TaskProgress) => console.log(p.task_id, p.metadata?.["file"]),
+  onAllDone: (results) => console.log(Object.keys(results).length),
+});
+group.close();
+// @ts-expect-error: tickets name task ids; they do not open group streams
+watchGroup("batch_1", { token: "t", tickets: true });
+function GroupView(): string {
+  const g: GroupProgressState = useGroupProgress("batch_1", () => "token");
+  return `${Object.keys(g.tasks).length} ${g.isComplete} ${g.status}`;
+}
+console.log(GroupView);
