@@ -324,3 +324,27 @@ async def test_batching_can_be_turned_off(
     assert [a.status_code for a in answers] == [200] * 10
     assert server.runtime.writes.stats.flushes == 0
     assert len(await xmins(sql, ids)) == 10
+
+
+async def test_metadata_rides_in_a_batch(
+    server: LiveServer, client: httpx.AsyncClient, sql: asyncpg.Connection, database_url: str
+) -> None:
+    await create_task(sql, "blocker")
+    await create_task(sql, "m1")
+    alice = auth(server.token("alice"))
+    base = f"{server.url}/api/v1/tasks"
+    writes = server.runtime.writes
+    async with blocked(database_url, writes, patch(client, server, "blocker", {"progress": 1})):
+        first = asyncio.ensure_future(patch(client, server, "m1", {"metadata": {"k": [1, "x"]}}))
+        await wait_until(lambda: writes.queued == 1)
+        second = asyncio.ensure_future(
+            client.post(base, json={"id": "m2", "metadata": {"a": 1}}, headers=alice)
+        )
+        await wait_until(lambda: writes.queued == 2)
+    r1, r2 = await first, await second
+    assert r1.status_code == 200 and r2.status_code == 201, (r1.text, r2.text)
+    rows = await sql.fetch(
+        "SELECT id, metadata::text AS m FROM taskstream.tasks WHERE id LIKE 'm%'"
+    )
+    assert {r["id"]: json.loads(r["m"]) for r in rows} == {"m1": {"k": [1, "x"]}, "m2": {"a": 1}}
+    assert len(await xmins(sql, ["m1", "m2"])) == 1
