@@ -149,12 +149,14 @@ RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v record;
+    n bigint;
     r taskstream.source_rows;
 BEGIN
     EXECUTE format('SELECT owner_id, state, progress, estimated_time, error FROM taskstream.%I'
                    ' WHERE source_key = $1', 'source_' || p_source)
        INTO v USING p_key;
-    IF NOT FOUND OR v.owner_id = '' THEN
+    GET DIAGNOSTICS n = ROW_COUNT;  -- EXECUTE does not set FOUND
+    IF n = 0 OR v.owner_id = '' THEN
         PERFORM taskstream.source_forget(p_source, p_key, p_old_owner);
         RETURN;
     END IF;
