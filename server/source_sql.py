@@ -257,16 +257,19 @@ def _view_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) ->
     objects = objects_for(name)
     since = f"{literal(attached_at.isoformat())}::timestamptz"
     if mapping.owner is None:
-        owner = "g.owner_id"
-        grants = (
-            f" JOIN taskstream.source_grants AS g ON g.source = {literal(name)}"
-            f" AND g.key = {cols['key']}"
+        # Tasks are the grants: a granted task whose row the writer has not written yet (Celery
+        # writes it when the task starts) is a pending task, as Celery itself calls an unknown id.
+        owner, key = "g.owner_id", "g.key"
+        rows = (
+            f"taskstream.source_grants AS g LEFT JOIN {table} AS t ON {cols['key']} = g.key"
+            f" AND g.source = {literal(name)}"
         )
+        where = f" WHERE g.source = {literal(name)}"
     else:
-        owner, grants = cols["owner_id"], ""
+        owner, key, rows, where = cols["owner_id"], cols["key"], f"{table} AS t", ""
     return (
         f"CREATE VIEW taskstream.{ident(objects.view)} AS SELECT"
-        f" {literal(name + ':')} || {cols['key']} AS id,"
+        f" {literal(name + ':')} || {key} AS id,"
         f" {owner} AS owner_id,"
         f" {cols['state']} AS state,"
         f" {cols['progress']} AS progress,"
@@ -278,10 +281,10 @@ def _view_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) ->
         " v.started_at AS started_at,"
         " v.start_progress AS start_progress,"
         " v.owner_since AS owner_since,"
-        f" {cols['key']} AS source_key"
-        f" FROM {table} AS t{grants}"
-        f" LEFT JOIN taskstream.source_rows AS v ON v.source = {literal(name)}"
-        f" AND v.key = {cols['key']}"
+        f" {key} AS source_key"
+        f" FROM {rows}"
+        f" LEFT JOIN taskstream.source_rows AS v ON v.source = {literal(name)} AND v.key = {key}"
+        f"{where}"
     )
 
 
@@ -310,8 +313,9 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         SELECT {cols["key"]} AS key, {old_owner} AS owner_id INTO m FROM (SELECT OLD.*) AS t;
         IF m.owner_id IS NULL THEN
-            SELECT g.owner_id INTO o FROM taskstream.source_grants AS g
-             WHERE g.source = {literal(name)} AND g.key = m.key;
+            -- The task is gone with its row: so is its grant (else it would read as pending).
+            DELETE FROM taskstream.source_grants AS g
+             WHERE g.source = {literal(name)} AND g.key = m.key RETURNING g.owner_id INTO o;
         ELSE
             o := m.owner_id;
         END IF;
