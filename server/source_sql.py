@@ -256,25 +256,30 @@ def _view_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) ->
     cols = mapped_columns(mapping)
     objects = objects_for(name)
     since = f"{literal(attached_at.isoformat())}::timestamptz"
+    # The mapping is evaluated over the user's table alone, so its expressions' column names
+    # can never be taken for a column of the tables joined to it.
+    mapped = (
+        f"(SELECT {cols['key']} AS ts_key, {cols['owner_id']} AS ts_owner,"
+        f" {cols['state']} AS ts_state, {cols['progress']} AS ts_progress,"
+        f" {cols['estimated_time']} AS ts_eta, {cols['error']} AS ts_error"
+        f" FROM {table} AS t) AS m"
+    )
     if mapping.owner is None:
         # Tasks are the grants: a granted task whose row the writer has not written yet (Celery
         # writes it when the task starts) is a pending task, as Celery itself calls an unknown id.
         owner, key = "g.owner_id", "g.key"
-        rows = (
-            f"taskstream.source_grants AS g LEFT JOIN {table} AS t ON {cols['key']} = g.key"
-            f" AND g.source = {literal(name)}"
-        )
+        rows = f"taskstream.source_grants AS g LEFT JOIN {mapped} ON m.ts_key = g.key"
         where = f" WHERE g.source = {literal(name)}"
     else:
-        owner, key, rows, where = cols["owner_id"], cols["key"], f"{table} AS t", ""
+        owner, key, rows, where = "m.ts_owner", "m.ts_key", mapped, ""
     return (
         f"CREATE VIEW taskstream.{ident(objects.view)} AS SELECT"
         f" {literal(name + ':')} || {key} AS id,"
         f" {owner} AS owner_id,"
-        f" {cols['state']} AS state,"
-        f" {cols['progress']} AS progress,"
-        f" {cols['estimated_time']} AS estimated_time,"
-        f" {cols['error']} AS error,"
+        " coalesce(m.ts_state, 'pending') AS state,"
+        " coalesce(m.ts_progress, 0) AS progress,"
+        " m.ts_eta AS estimated_time,"
+        " m.ts_error AS error,"
         " coalesce(v.version, 1)::bigint AS version,"
         f" coalesce(v.created_at, {since}) AS created_at,"
         f" coalesce(v.updated_at, {since}) AS updated_at,"
@@ -295,31 +300,32 @@ def _function_sql(name: str, mapping: Mapping) -> str:
     if mapping.owner is None:
         # No owner in the row: the grant is the owner (sql/006_sources.sql, grant_task).
         owner_lookup = (
-            "SELECT g.owner_id INTO o FROM taskstream.source_grants AS g"
-            f" WHERE g.source = {literal(name)} AND g.key = m.key;\n"
-            "    o := coalesce(o, '');"
+            "SELECT g.owner_id INTO ts_owner FROM taskstream.source_grants AS g"
+            f" WHERE g.source = {literal(name)} AND g.key = ts_m.key;\n"
+            "    ts_owner := coalesce(ts_owner, '');"
         )
         old_owner = "NULL::text"
     else:
-        owner_lookup = "o := m.owner_id;"
+        owner_lookup = "ts_owner := ts_m.owner_id;"
         old_owner = cols["owner_id"]
     return f"""CREATE FUNCTION taskstream.{ident(objects.function)}() RETURNS trigger
 LANGUAGE plpgsql AS {tag}
 DECLARE
-    m record;
-    o text;
-    r taskstream.source_rows;
+    ts_m record;
+    ts_owner text;
+    ts_row taskstream.source_rows;
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        SELECT {cols["key"]} AS key, {old_owner} AS owner_id INTO m FROM (SELECT OLD.*) AS t;
-        IF m.owner_id IS NULL THEN
+        SELECT {cols["key"]} AS key, {old_owner} AS owner_id INTO ts_m FROM (SELECT OLD.*) AS t;
+        IF ts_m.owner_id IS NULL THEN
             -- The task is gone with its row: so is its grant (else it would read as pending).
             DELETE FROM taskstream.source_grants AS g
-             WHERE g.source = {literal(name)} AND g.key = m.key RETURNING g.owner_id INTO o;
+             WHERE g.source = {literal(name)} AND g.key = ts_m.key
+            RETURNING g.owner_id INTO ts_owner;
         ELSE
-            o := m.owner_id;
+            ts_owner := ts_m.owner_id;
         END IF;
-        PERFORM taskstream.source_forget({literal(name)}, m.key, o);
+        PERFORM taskstream.source_forget({literal(name)}, ts_m.key, ts_owner);
         RETURN NULL;
     END IF;
     SELECT {cols["key"]} AS key,
@@ -328,16 +334,17 @@ BEGIN
            {cols["progress"]} AS progress,
            {cols["estimated_time"]} AS estimated_time,
            {cols["error"]} AS error
-      INTO m FROM (SELECT NEW.*) AS t;
-    IF m.key IS NULL THEN
+      INTO ts_m FROM (SELECT NEW.*) AS t;
+    IF ts_m.key IS NULL THEN
         RETURN NULL;
     END IF;
     {owner_lookup}
-    r := taskstream.source_publish({literal(name)}, m.key, o, m.state, m.progress,
-                                   m.estimated_time, m.error, TG_OP = 'INSERT');
-    IF r.version IS NOT NULL THEN
+    ts_row := taskstream.source_publish({literal(name)}, ts_m.key, ts_owner, ts_m.state,
+                                        ts_m.progress, ts_m.estimated_time, ts_m.error,
+                                        TG_OP = 'INSERT');
+    IF ts_row.version IS NOT NULL THEN
         PERFORM pg_notify('taskstream',
-                          taskstream.source_payload({literal(name + ":")} || m.key, r));
+                          taskstream.source_payload({literal(name + ":")} || ts_m.key, ts_row));
     END IF;
     RETURN NULL;
 EXCEPTION WHEN OTHERS THEN

@@ -290,6 +290,31 @@ async def test_a_row_the_mapping_cannot_read_never_fails_the_writer(
     assert row is not None and row["progress"] == 42.0
 
 
+async def test_column_names_like_taskstreams_own_do_not_clash(sql: asyncpg.Connection) -> None:
+    # Regression: the view joined source_rows, whose "progress" made a bare `progress` ambiguous.
+    await sql.execute(
+        "CREATE TABLE public.t2 (key text PRIMARY KEY, owner_id text, state text,"
+        " progress real, version int, source text, g text, m text, v text)"
+    )
+    await sql.execute(
+        "INSERT INTO public.t2 VALUES ('a', 'alice', 'run', 10, 7, 's', 'g', 'm', 'v')"
+    )
+    mapping = Mapping(id="key", owner="owner_id", state="state", progress="progress",
+                      error="m || g || v", terminal=("done",))  # fmt: skip
+    await sources.attach(sql, "t2", "public.t2", mapping)
+    await sql.execute("UPDATE public.t2 SET progress = 20, version = 8")
+    row = await sql.fetchrow("SELECT * FROM taskstream.tasks_by_ids(ARRAY['t2:a'])")
+    assert row is not None
+    assert (row["owner_id"], row["progress"], row["version"], row["error"]) == (
+        "alice",
+        20,
+        2,
+        "mgv",
+    )
+    rows = await sql.fetch("SELECT id FROM taskstream.all_tasks WHERE owner_id = 'alice'")
+    assert [r["id"] for r in rows] == ["t2:a"]
+
+
 # -- ownership: a source whose rows do not know their owner ------------------------------------
 
 GRANTED = Mapping(id="id", state="status", terminal=("finished",), success=("finished",))
