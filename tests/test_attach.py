@@ -238,6 +238,14 @@ async def test_attached_rows_stream_resume_and_read_like_native_tasks(
     await sql.execute("UPDATE app.jobs SET status = 'finished', done_fraction = 1 WHERE id = 'old'")
     r = await asyncio.wait_for(poll, 5)
     assert r.status_code == 200 and r.json()["state"] == "success" and r.json()["version"] == 2
+    # Read-only through taskstream: the table's writers are the user's.
+    writer = _auth(server.token("svc", scopes=["tasks:write"]))
+    r = await client.patch(
+        f"{server.url}/api/v1/tasks/jobs:j1", json={"progress": 1}, headers=writer
+    )
+    assert r.status_code == 404
+    r = await client.post(f"{server.url}/api/v1/tasks/jobs:old/cancel", headers=_auth(token))
+    assert r.status_code == 404
     # Multi-task streams mix native and attached ids.
     await sql.execute("INSERT INTO taskstream.tasks (id, owner_id) VALUES ('native', 'alice')")
     async with open_stream(
