@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from server import db
 from server.tasks import MAX_ETA, MAX_STATE
 
 __all__ = [
@@ -47,21 +48,8 @@ __all__ = [
     "union_sql",
 ]
 
-# The columns of taskstream.tasks, in table order: every source view yields exactly these.
-TASK_COLUMNS = (
-    "id",
-    "owner_id",
-    "state",
-    "progress",
-    "estimated_time",
-    "error",
-    "version",
-    "created_at",
-    "updated_at",
-    "started_at",
-    "start_progress",
-    "owner_since",
-)
+# The columns every task source yields, in taskstream.tasks' order: db.py's one list.
+TASK_COLUMNS = tuple(column.strip() for column in db.TASK_COLUMNS.split(","))
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
