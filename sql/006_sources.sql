@@ -34,7 +34,8 @@ CREATE TABLE taskstream.source_rows (
     start_progress double precision,
     owner_since    timestamptz,
     PRIMARY KEY (source, key)
-);
+-- Every update rewrites a row without touching its key: room on the page keeps it a HOT update.
+) WITH (fillfactor = 70);
 
 -- Ownership of tasks whose rows do not name their owner (a task queue's result table): the
 -- application's backend grants each task id to one user with taskstream.grant_task(), in its own
