@@ -237,7 +237,9 @@ def type_check_sql(table: str, mapping: Mapping) -> list[tuple[str, str]]:
         checks.append(("eta", f"(({mapping.eta}))::double precision"))
     if mapping.error is not None:
         checks.append(("error", f"(({mapping.error}))::text"))
-    return [(name, f"SELECT {expr} AS v FROM {table} AS t WHERE false") for name, expr in checks]
+    # Then the mapping as the view and the trigger evaluate it (state lists, scale, clamps).
+    checks.append(("state/--terminal/--success", ", ".join(mapped_columns(mapping).values())))
+    return [(name, f"SELECT {expr} FROM {table} AS t WHERE false") for name, expr in checks]
 
 
 def _view_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) -> str:
