@@ -96,14 +96,17 @@ async def worker(database_url: str, redis_url: str) -> AsyncIterator[dict[str, s
     """The Django project migrated, the table attached as the recipe says, a worker running."""
     env = celery_env(database_url, redis_url)
 
-    def run(*args: str) -> None:
-        done = subprocess.run(
-            [sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+    async def run(*args: str) -> None:
+        # Not subprocess.run: the server under test shares this event loop.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *args, env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, out.decode()
 
-    run("-m", "django", "migrate", "django_celery_results", "-v", "0")
-    run("-m", "server", *recipe_attach_command())
+    await run("-m", "django", "migrate", "django_celery_results", "-v", "0")
+    await run("-m", "server", *recipe_attach_command())
     (ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
     log = (ROOT / "tests" / "artifacts" / "celery-worker.log").open("w")
     proc = await asyncio.create_subprocess_exec(
@@ -124,17 +127,22 @@ async def worker(database_url: str, redis_url: str) -> AsyncIterator[dict[str, s
         log.close()
 
 
-def enqueue(
+async def enqueue(
     env: dict[str, str], task_id: str, total: int, pause: float, fail_at: int | None = None
 ) -> None:
-    """The backend: grant the task ("celery:<id>") to the demo user, enqueue it."""
+    """The backend: grant the task ("celery:<id>") to the demo user, enqueue it.
+
+    Never blocking: the server under test runs in this event loop. (Regression: a blocking
+    subprocess.run here stalled the server while the worker ran a task, whose steps then
+    reached the page conflated into one.)"""
     args = [task_id.removeprefix("celery:"), str(total), str(pause)]
     args += [] if fail_at is None else [str(fail_at)]
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.celery_app.enqueue", DEMO_USER, *args],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.celery_app.enqueue", DEMO_USER, *args,
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
 
 
 # Every (state, percent) the page's card shows, in order, recorded in the page.
@@ -179,8 +187,8 @@ async def test_celery_progress_reaches_the_browser_and_the_terminal(
             for card in (ok_card, bad_card):
                 await expect(card).to_have_attribute("data-state", "pending")
             # Both watchers and the page are on: now the backend enqueues (grant, apply_async).
-            enqueue(worker, ok_id, STEPS, 0.5)
-            enqueue(worker, bad_id, STEPS, 0.5, fail_at=3)
+            await enqueue(worker, ok_id, STEPS, 0.5)
+            await enqueue(worker, bad_id, STEPS, 0.5, fail_at=3)
             await expect(ok_card).to_have_attribute("data-state", "success", timeout=60_000)
             await expect(ok_card.locator(".outcome")).to_have_text("✓ complete")
             await expect(bad_card).to_have_attribute("data-state", "failed", timeout=60_000)
@@ -210,7 +218,7 @@ async def test_a_celery_task_not_granted_to_you_stays_closed(
     server: LiveServer, worker: dict[str, str]
 ) -> None:
     tid = f"celery:{uuid4()}"
-    enqueue(worker, tid, 1, 0.1)
+    await enqueue(worker, tid, 1, 0.1)
     proc = await start_cli(*watch_args(server, tid, user="mallory"))
     r = await finish(proc, timeout=30)
     assert r.code == 2 and "not found" in (r.stdout + r.stderr).lower(), r
