@@ -242,7 +242,9 @@ def type_check_sql(table: str, mapping: Mapping) -> list[tuple[str, str]]:
     return [(name, f"SELECT {expr} FROM {table} AS t WHERE false") for name, expr in checks]
 
 
-def _view_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) -> str:
+def _view_sql(
+    name: str, table: str, mapping: Mapping, attached_at: datetime, types: dict[str, str]
+) -> str:
     cols = mapped_columns(mapping)
     objects = objects_for(name)
     since = f"{literal(attached_at.isoformat())}::timestamptz"
@@ -262,25 +264,38 @@ def _view_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) ->
         where = f" WHERE g.source = {literal(name)}"
     else:
         owner, key, rows, where = "m.ts_owner", "m.ts_key", mapped, ""
+    values = {
+        "id": f"{literal(name + ':')} || {key}",
+        "owner_id": owner,
+        "state": "coalesce(m.ts_state, 'pending')",
+        "progress": "coalesce(m.ts_progress, 0)",
+        "estimated_time": "m.ts_eta",
+        "error": "m.ts_error",
+        "version": "coalesce(v.version, 1)::bigint",
+        "created_at": f"coalesce(v.created_at, {since})",
+        "updated_at": f"coalesce(v.updated_at, {since})",
+        "started_at": "v.started_at",
+        "start_progress": "v.start_progress",
+        "owner_since": "v.owner_since",
+    }
+    # Columns of taskstream.tasks that a source does not map (added by later migrations) are
+    # NULL of the column's own type, so every source yields exactly the columns of the union.
+    select = ", ".join(
+        f"{values[c]} AS {c}" if c in values else f"NULL::{_type(types, c)} AS {c}"
+        for c in TASK_COLUMNS
+    )
     return (
-        f"CREATE VIEW taskstream.{ident(objects.view)} AS SELECT"
-        f" {literal(name + ':')} || {key} AS id,"
-        f" {owner} AS owner_id,"
-        " coalesce(m.ts_state, 'pending') AS state,"
-        " coalesce(m.ts_progress, 0) AS progress,"
-        " m.ts_eta AS estimated_time,"
-        " m.ts_error AS error,"
-        " coalesce(v.version, 1)::bigint AS version,"
-        f" coalesce(v.created_at, {since}) AS created_at,"
-        f" coalesce(v.updated_at, {since}) AS updated_at,"
-        " v.started_at AS started_at,"
-        " v.start_progress AS start_progress,"
-        " v.owner_since AS owner_since,"
-        f" {key} AS source_key"
-        f" FROM {rows}"
+        f"CREATE VIEW taskstream.{ident(objects.view)} AS SELECT {select},"
+        f" {key} AS source_key FROM {rows}"
         f" LEFT JOIN taskstream.source_rows AS v ON v.source = {literal(name)} AND v.key = {key}"
         f"{where}"
     )
+
+
+def _type(types: dict[str, str], column: str) -> str:
+    if column not in types:
+        raise MappingError(f"taskstream.tasks has no column {column!r}: run taskstream migrate")
+    return types[column]
 
 
 def _function_sql(name: str, mapping: Mapping) -> str:
@@ -345,11 +360,14 @@ END;
 {tag}"""
 
 
-def attach_sql(name: str, table: str, mapping: Mapping, attached_at: datetime) -> list[str]:
-    """The statements that attach ``table`` (already quoted, ``schema.table``) as ``name``."""
+def attach_sql(
+    name: str, table: str, mapping: Mapping, attached_at: datetime, types: dict[str, str]
+) -> list[str]:
+    """The statements that attach ``table`` (already quoted, ``schema.table``) as ``name``;
+    ``types`` are the SQL types of taskstream.tasks' columns, by name."""
     objects = objects_for(name)
     return [
-        _view_sql(name, table, mapping, attached_at),
+        _view_sql(name, table, mapping, attached_at, types),
         _function_sql(name, mapping),
         f"CREATE TRIGGER {ident(objects.trigger)} AFTER INSERT OR UPDATE OR DELETE ON {table}"
         f" FOR EACH ROW EXECUTE FUNCTION taskstream.{ident(objects.function)}()",

@@ -131,8 +131,14 @@ async def attach(conn: asyncpg.Connection, name: str, table: str, mapping: Mappi
                 f"native task ids already start with {name + ':'!r}: choose another source name"
             )
         attached_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
+        rows = await conn.fetch(
+            "SELECT attname::text AS name, format_type(atttypid, atttypmod) AS type"
+            " FROM pg_attribute WHERE attrelid = 'taskstream.tasks'::regclass AND attnum > 0"
+            " AND NOT attisdropped"
+        )
+        types = {r["name"]: r["type"] for r in rows}
         try:
-            for statement in attach_sql(name, quoted, mapping, attached_at):
+            for statement in attach_sql(name, quoted, mapping, attached_at, types):
                 await conn.execute(statement)
         except asyncpg.LockNotAvailableError:
             raise SourceError(

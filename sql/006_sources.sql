@@ -209,16 +209,12 @@ $$;
 
 -- Every task, native and attached, for the reads by owner (lists, owner-wide streams). attach and
 -- detach regenerate it, and tasks_by_ids, with one branch per source (server/source_sql.py).
-CREATE VIEW taskstream.all_tasks AS
-    SELECT id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at,
-           started_at, start_progress, owner_since
-      FROM taskstream.tasks;
+-- Until then it is taskstream.tasks with all its columns.
+CREATE VIEW taskstream.all_tasks AS SELECT * FROM taskstream.tasks;
 
 -- The reads by id (snapshots, resync, GET): each source's branch looks its rows up by the row id,
 -- so an index on the user's id column serves it.
 CREATE FUNCTION taskstream.tasks_by_ids(ids text[]) RETURNS SETOF taskstream.all_tasks
 LANGUAGE sql STABLE AS $$
-    SELECT id, owner_id, state, progress, estimated_time, error, version, created_at, updated_at,
-           started_at, start_progress, owner_since
-      FROM taskstream.tasks WHERE id = ANY(ids)
+    SELECT * FROM taskstream.all_tasks WHERE id = ANY(ids)
 $$;
