@@ -3,7 +3,8 @@
 Each server process (each Hypercorn worker) builds one :class:`~server.runtime.Runtime` at
 start-up: a connection pool for queries, and the stream registry
 (:class:`~server.stream.registry.Registry`) fed by the process's one LISTEN connection
-(:class:`~server.stream.listener.PgListener`).
+(:class:`~server.stream.listener.PgListener`), or with ``TASKSTREAM_NATS_URL`` by the NATS bus
+(:class:`~server.stream.bus.NatsBus`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from server.ops import flush_tally, sample_queue_usage
 from server.runtime import Runtime
 from server.schemas import Health
 from server.sendtimeout import SendTimeoutMiddleware
-from server.stream.listener import PgListener
+from server.stream.bus import NatsBus
+from server.stream.listener import ChangeSource, PgListener
 from server.stream.registry import Registry
 from server.stream.routes import blueprint as streams_blueprint
 from server.tickets_api import blueprint as tickets_blueprint
@@ -110,13 +112,24 @@ def create_app(settings: Settings | None = None) -> Quart:
         # Once per process: whether the server internals the streams use are as expected.
         hypercorn_internals.check()
         runtime.pool = await db.create_pool(runtime.dsn)
-        listener = PgListener(
-            runtime.dsn,
-            check_interval=settings.listener_check_interval,
-            fallback_poll=settings.fallback_poll,
-        )
+        source: ChangeSource
+        if settings.nats_urls:
+            # Bus mode: one relay in the fleet listens; this process subscribes to what it serves.
+            source = NatsBus(
+                runtime.dsn,
+                settings.nats_urls,
+                prefix=settings.nats_subject_prefix,
+                check_interval=settings.listener_check_interval,
+                fallback_poll=settings.fallback_poll,
+            )
+        else:
+            source = PgListener(
+                runtime.dsn,
+                check_interval=settings.listener_check_interval,
+                fallback_poll=settings.fallback_poll,
+            )
         runtime.broker = Registry(
-            listener,
+            source,
             runtime.pool,
             max_streams=settings.max_streams,
             max_streams_per_user=settings.max_streams_per_user,

@@ -70,7 +70,7 @@ async def _prepare_database(url: str) -> None:
     from server import db
     from server.stream.listener import PgListener
 
-    async def ignore_resync() -> None:
+    async def ignore_resync(*_args: object, **_kwargs: object) -> None:
         return None
 
     await db.migrate(url)  # logs each migration it applies
@@ -113,6 +113,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings, embedded = _resolve_environment(settings)
         assert settings.database_url is not None
         asyncio.run(_prepare_database(settings.database_url))
+        if settings.nats_urls:
+            from server.stream.bus import check_reachable
+
+            asyncio.run(check_reachable(settings.nats_urls))
         host, port = all_sockets[0].getsockname()[:2]
         scheme = "https" if args.certfile else "http"
         print(f"taskstream listening on {scheme}://{host}:{port}", flush=True)
@@ -430,8 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except Exception as exc:
         from server.db import CONNECTION_ERRORS, CONNECTION_REFUSED_ERRORS
+        from server.stream.bus import BusUnavailable
         from server.stream.listener import ListenerSelfCheckFailed
 
+        if isinstance(exc, BusUnavailable):
+            print(f"taskstream: {exc}", file=sys.stderr)
+            return 1
         if isinstance(exc, ListenerSelfCheckFailed):
             print(f"taskstream: refusing to start: {exc}", file=sys.stderr)
             return 1

@@ -7,6 +7,7 @@ Hypercorn worker process (which inherits the environment) and for docker-compose
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,31 @@ def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
 
 
+def _nats_urls(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """``TASKSTREAM_NATS_URL``: one or more comma-separated ``nats://`` (or ``tls://``) URLs."""
+    urls = _list(env, name)
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        host = rest.rsplit("@", 1)[-1].split("/", 1)[0]
+        if scheme not in ("nats", "tls") or not sep or not host or any(c.isspace() for c in url):
+            shown = f"{scheme}://..." if sep else url[:40]
+            raise ConfigError(
+                f"{name} must be comma-separated nats:// or tls:// URLs "
+                f"(like nats://nats-1:4222,nats://nats-2:4222), got {shown!r}"
+            )
+    return urls
+
+
+def _subject_prefix(env: dict[str, str], name: str) -> str:
+    raw = env.get(name, "").strip() or "taskstream"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", raw) or len(raw) > 100:
+        raise ConfigError(
+            f"{name} must be dot-separated tokens of letters, digits, '_' and '-' "
+            f"(at most 100 characters), got {raw[:40]!r}"
+        )
+    return raw
+
+
 def _metrics_token(env: dict[str, str], name: str) -> str | None:
     raw = env.get(name, "")
     if raw == "":
@@ -156,6 +182,10 @@ class Settings:
     metrics_token: str | None = None
     # gc.set_threshold() for each server process; None keeps the interpreter's.
     gc_thresholds: tuple[int, int, int] | None = DEFAULT_GC_THRESHOLDS
+    # The NATS fan-out bus (docs/scaling.md): empty keeps one LISTEN connection per process.
+    nats_urls: tuple[str, ...] = ()
+    # Subjects live under it; one prefix per fleet and database (fleets may share a NATS).
+    nats_subject_prefix: str = "taskstream"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -204,4 +234,6 @@ class Settings:
             ticket_sweep_interval=_float(e, "TASKSTREAM_TICKET_SWEEP", 60.0, minimum=0.05),
             metrics_token=_metrics_token(e, "TASKSTREAM_METRICS_TOKEN"),
             gc_thresholds=_gc_thresholds(e, "TASKSTREAM_GC_THRESHOLDS"),
+            nats_urls=_nats_urls(e, "TASKSTREAM_NATS_URL"),
+            nats_subject_prefix=_subject_prefix(e, "TASKSTREAM_NATS_SUBJECT_PREFIX"),
         )

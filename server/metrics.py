@@ -32,6 +32,15 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 
 __all__ = [
+    "BUS_CONNECTED",
+    "BUS_DROPS",
+    "BUS_MESSAGES",
+    "BUS_PUBLISHED",
+    "BUS_RECONNECTS",
+    "BUS_RELAY",
+    "BUS_RESYNCS",
+    "BUS_SERVER",
+    "BUS_SUBJECTS",
     "CONTENT_TYPE_LATEST",
     "EVENTS_CONFLATED",
     "EVENTS_SENT",
@@ -100,6 +109,53 @@ NOTIFY_QUEUE_USAGE = Gauge(
     "taskstream_notification_queue_usage",
     "pg_notification_queue_usage(): fraction of PostgreSQL's NOTIFY queue in use (sampled).",
     multiprocess_mode="livemax",
+)
+# The NATS fan-out bus (server/stream/bus.py, relay.py); all zero without TASKSTREAM_NATS_URL.
+BUS_CONNECTED = Gauge(
+    "taskstream_bus_connected",
+    "1 while this process is connected to NATS (summed over processes).",
+    multiprocess_mode="livesum",
+)
+BUS_SERVER = Gauge(
+    "taskstream_bus_server",
+    "1 for the NATS server this process is connected to now (label: its URL).",
+    ["server"],
+    multiprocess_mode="liveall",
+)
+BUS_RELAY = Gauge(
+    "taskstream_bus_relay",
+    "1 while this process is the fleet's relay, holding the one LISTEN connection (summed "
+    "over processes; the fleet's total should be 1).",
+    multiprocess_mode="livesum",
+)
+BUS_SUBJECTS = Gauge(
+    "taskstream_bus_subjects",
+    "NATS subjects this process subscribes to: one per watched task and per owner with an "
+    "owner-wide stream.",
+    multiprocess_mode="livesum",
+)
+BUS_MESSAGES = Counter(
+    "taskstream_bus_messages_received",
+    "Task changes received from NATS.",
+)
+BUS_PUBLISHED = Counter(
+    "taskstream_bus_messages_published",
+    "Task changes the relay published to NATS (one per subject: the task's and its owner's).",
+)
+BUS_RESYNCS = Counter(
+    "taskstream_bus_resyncs",
+    "Resyncs from PostgreSQL the bus asked for, by reason (epoch: a new relay; reconnect; "
+    "interest: catch-up after subscribing; gap: a version was skipped; slow_consumer; relay: "
+    "the relay's LISTEN was down; poll: while NATS is unreachable).",
+    ["reason"],
+)
+BUS_DROPS = Counter(
+    "taskstream_bus_drops",
+    "Times NATS dropped messages for this process (slow consumer); each leads to a resync.",
+)
+BUS_RECONNECTS = Counter(
+    "taskstream_bus_reconnects",
+    "Times this process's NATS connection was lost and re-established.",
 )
 # Per process (a `pid` label under several workers): each worker has its own descriptors and limit.
 OPEN_FDS = Gauge(

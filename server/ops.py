@@ -5,9 +5,10 @@
 
 ``/healthz`` (in :mod:`server.app`) says the process is alive; ``/readyz`` says it can do its job:
 a load balancer or Kubernetes should send streams only to an instance whose database answers and
-whose LISTEN connection is up, because a stream opened elsewhere would get its snapshot and then
-nothing until the listener is back. It also says when the process is close to its
-file-descriptor limit (:mod:`server.descriptors`), where new connections are about to be refused.
+whose LISTEN connection (in bus mode: its NATS connection) is up, because a stream opened
+elsewhere would get its snapshot and then nothing until the listener is back. It also says when
+the process is close to its file-descriptor limit (:mod:`server.descriptors`), where new
+connections are about to be refused.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from server.descriptors import WATCH as descriptors
 from server.http import json_error, runtime
 from server.openapi import responds, security, summarize
 from server.schemas import Readiness
+from server.stream.bus import NatsBus
 
 __all__ = ["blueprint", "flush_tally", "sample_queue_usage"]
 
@@ -50,7 +52,10 @@ async def readyz() -> Response:
     if rt.draining:
         reasons.append("shutting down")
     if not rt.broker.connected.is_set():
-        reasons.append("LISTEN connection is down")
+        if isinstance(rt.broker.source, NatsBus):
+            reasons.append("NATS connection is down")
+        else:
+            reasons.append("LISTEN connection is down")
     if descriptors.sample():
         reasons.append("file descriptors near the limit")
     try:

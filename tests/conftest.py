@@ -186,3 +186,13 @@ def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[Any]:
+    """A real three-node NATS cluster on free loopback ports, routes between the nodes
+    (tests/natscluster.py); stopped at the end of the test."""
+    from tests.natscluster import nats_cluster as start_cluster
+
+    with start_cluster(3) as cluster:
+        yield cluster

@@ -91,6 +91,9 @@ def test_the_streaming_core_imports_one_way() -> None:
     core = {name: deps for name, deps in graph.items() if name.startswith("server.stream.")}
     assert set(core) == {
         "server.stream.listener",
+        "server.stream.subjects",
+        "server.stream.relay",
+        "server.stream.bus",
         "server.stream.registry",
         "server.stream.mailbox",
         "server.stream.encoder",
@@ -103,6 +106,19 @@ def test_the_streaming_core_imports_one_way() -> None:
         name: {d for d in deps if d.startswith("server.stream")} for name, deps in core.items()
     }
     assert inner["server.stream.listener"] == set()
+    # The NATS bus is a second change source beside the listener: the registry never sees it.
+    assert inner["server.stream.subjects"] == set()
+    assert inner["server.stream.relay"] == {"server.stream.listener", "server.stream.subjects"}
+    assert inner["server.stream.bus"] == {
+        "server.stream.listener",
+        "server.stream.relay",
+        "server.stream.subjects",
+    }
+    assert {name for name, deps in graph.items() if "server.stream.bus" in deps} == {
+        "server.app",
+        "server.ops",
+        "server.cli",
+    }
     assert inner["server.stream.registry"] == {"server.stream.mailbox"}
     for leaf in ("mailbox", "encoder", "snapshots", "observe"):
         assert inner[f"server.stream.{leaf}"] == set(), leaf

@@ -18,7 +18,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,12 +80,15 @@ async def _spawn(log: Path, *argv: str, env: dict[str, str] | None = None) -> Pr
     return Proc(proc, log)
 
 
-async def _start_instance(workdir: Path, name: str, database_url: str) -> tuple[Proc, str]:
+async def _start_instance(
+    workdir: Path, name: str, database_url: str, **extra_env: str
+) -> tuple[Proc, str]:
     env = _clean_env(
         DATABASE_URL=database_url,
         TASKSTREAM_JWT_SECRET=SECRET,
         PYTHONPATH=str(ROOT),
         TASKSTREAM_RETRY_MS="100",
+        **extra_env,
     )
     p = await _spawn(
         workdir / f"{name}.log",
@@ -210,14 +213,25 @@ async def _wait(cond: object, what: str, timeout: float = 10) -> None:
 async def test_two_instances_behind_nginx_serve_every_client_every_update(
     database_url: str, sql: asyncpg.Connection
 ) -> None:
+    await two_instances_behind_nginx(database_url, sql)
+
+
+async def two_instances_behind_nginx(
+    database_url: str,
+    sql: asyncpg.Connection,
+    after_kill: Callable[[httpx.AsyncClient, str], Awaitable[None]] | None = None,
+    **extra_env: str,
+) -> str:
+    """The scenario, with ``extra_env`` for both instances (tests/test_bus_nginx.py runs it in
+    bus mode, with ``after_kill`` waiting for B to take over). Returns the instances' logs."""
     n_tasks, per_task = 15, 2
     workdir = Path(tempfile.mkdtemp(prefix="taskstream-nginx-test-"))
     procs: list[Proc] = []
     tasks: list[asyncio.Task[None]] = []
     try:
-        a, url_a = await _start_instance(workdir, "a", database_url)
+        a, url_a = await _start_instance(workdir, "a", database_url, **extra_env)
         procs.append(a)
-        b, url_b = await _start_instance(workdir, "b", database_url)
+        b, url_b = await _start_instance(workdir, "b", database_url, **extra_env)
         procs.append(b)
         ports = [int(u.rsplit(":", 1)[1]) for u in (url_a, url_b)]
         async with (
@@ -266,6 +280,8 @@ async def test_two_instances_behind_nginx_serve_every_client_every_update(
 
             # Kill instance A outright; its clients reconnect through nginx to B.
             await a.stop(signal.SIGKILL)
+            if after_kill is not None:
+                await after_kill(direct, url_b)
             await sql.execute("UPDATE taskstream.tasks SET progress = 90")
             await sql.execute("UPDATE taskstream.tasks SET state = 'success', progress = 100")
             await asyncio.wait_for(asyncio.gather(*tasks), 20)
@@ -283,6 +299,7 @@ async def test_two_instances_behind_nginx_serve_every_client_every_update(
         log = "".join(p.output() for p in procs) + nginx.output()
         assert token not in log, "a token reached a log"
         assert '"path":"/api/v1/sse/tasks/t0/progress"' in nginx.output()
+        return log
     finally:
         for t in tasks:
             t.cancel()

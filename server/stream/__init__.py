@@ -11,6 +11,11 @@
 6. :mod:`~server.stream.routes`: the SSE endpoints, which decide whether a stream opens and
    what it starts with, then hand it to a session.
 
+With ``TASKSTREAM_NATS_URL``, step 1 is the NATS bus instead: :mod:`~server.stream.bus` (this
+process's subscriptions, only to what it watches), :mod:`~server.stream.relay` (the one process
+of the fleet that holds the LISTEN connection and publishes each change) and
+:mod:`~server.stream.subjects` (subject names). They import the listener, nothing after it.
+
 Beside them: :mod:`~server.stream.snapshots` (batched reads of the current rows) and
 :mod:`~server.stream.observe` (stream metrics, open/close logs and close reasons).
 

@@ -1,9 +1,12 @@
 """The change listener: where committed task states enter a server process.
 
 :class:`ChangeSource` is what the registry needs from any source of changes; :class:`PgListener`
-is the one there is, a dedicated LISTEN connection on PostgreSQL (trigger ->
-``pg_notify('taskstream', ...)`` -> its callback). A second source (NATS, say) implements the
-same four members and the registry and routes stay as they are.
+is the default one, a dedicated LISTEN connection on PostgreSQL (trigger ->
+``pg_notify('taskstream', ...)`` -> its callback). The other is the NATS bus
+(:mod:`server.stream.bus`), for fleets that outgrow one LISTEN connection per process; the
+registry and routes are the same for both. The registry tells its source which tasks and owners
+are watched (``watch_task`` and friends): the bus subscribes to exactly those, the LISTEN
+connection receives everything anyway and ignores the hints.
 
 The callback is synchronous and only parses the payload once and hands the state on, so a
 notification costs the same whether one client or ten thousand watch the task.
@@ -21,7 +24,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 import asyncpg
@@ -47,8 +50,15 @@ LISTENER_APP_NAME = "taskstream-listener"
 
 # One committed state, handed over synchronously (it must not block: it runs per change).
 OnChange = Callable[[TaskState], None]
-# "Changes may have been missed": re-read what is watched.
-OnResync = Callable[[], Awaitable[None]]
+
+
+class OnResync(Protocol):
+    """Called when changes may have been missed: re-read what is watched (all of it, or only
+    the given tasks and owners' new tasks when a source knows which ones were affected)."""
+
+    def __call__(
+        self, task_ids: Collection[str] | None = None, owners: Collection[str] | None = None
+    ) -> Awaitable[None]: ...
 
 
 class ListenerSelfCheckFailed(RuntimeError):
@@ -70,8 +80,20 @@ class ChangeSource(Protocol):
 
     async def stop(self) -> None: ...
 
+    # Interest: the registry calls these when the first stream starts watching a task (or an
+    # owner's new tasks) and when the last one stops. They must not block.
+    def watch_task(self, task_id: str) -> None: ...
 
-async def _no_resync() -> None:
+    def unwatch_task(self, task_id: str) -> None: ...
+
+    def watch_owner(self, owner_id: str) -> None: ...
+
+    def unwatch_owner(self, owner_id: str) -> None: ...
+
+
+async def _no_resync(
+    task_ids: Collection[str] | None = None, owners: Collection[str] | None = None
+) -> None:
     return None
 
 
@@ -102,6 +124,19 @@ class PgListener:
     @property
     def connected(self) -> asyncio.Event:
         return self._connected
+
+    # LISTEN receives every change whatever is watched: interest changes nothing here.
+    def watch_task(self, task_id: str) -> None:
+        pass
+
+    def unwatch_task(self, task_id: str) -> None:
+        pass
+
+    def watch_owner(self, owner_id: str) -> None:
+        pass
+
+    def unwatch_owner(self, owner_id: str) -> None:
+        pass
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1

@@ -12,7 +12,7 @@ the owner-wide rules, and releases on every exit path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -111,15 +111,27 @@ class Registry:
         self._all.add(sub)
         self._per_user[user_id] = self._per_user.get(user_id, 0) + 1
         for tid in sub.task_ids:
-            self._by_task.setdefault(tid, set()).add(sub)
+            self._add_task(tid, sub)
         if owner_id is not None:
-            self._by_owner.setdefault(owner_id, set()).add(sub)
+            owners = self._by_owner.get(owner_id)
+            if owners is None:
+                owners = self._by_owner[owner_id] = set()
+                self.source.watch_owner(owner_id)
+            owners.add(sub)
         return sub
+
+    def _add_task(self, task_id: str, sub: Subscription) -> None:
+        subs = self._by_task.get(task_id)
+        if subs is None:
+            subs = self._by_task[task_id] = set()
+            # The first watcher of this task in the process: the source starts receiving it.
+            self.source.watch_task(task_id)
+        subs.add(sub)
 
     def _watch(self, sub: Subscription, task_id: str) -> None:
         """Add a task to an owner-wide subscription (a task the owner created after it opened)."""
         sub.task_ids.add(task_id)
-        self._by_task.setdefault(task_id, set()).add(sub)
+        self._add_task(task_id, sub)
 
     def _unwatch(self, sub: Subscription, task_id: str) -> None:
         sub.task_ids.discard(task_id)
@@ -128,6 +140,7 @@ class Registry:
             subs.discard(sub)
             if not subs:
                 del self._by_task[task_id]
+                self.source.unwatch_task(task_id)
 
     def _unsubscribe(self, sub: Subscription) -> None:
         """Remove a mailbox. Idempotent."""
@@ -148,6 +161,7 @@ class Registry:
                 owners.discard(sub)
                 if not owners:
                     del self._by_owner[sub.owner_id]
+                    self.source.unwatch_owner(sub.owner_id)
 
     # -- the data path ---------------------------------------------------------------------------
 
@@ -174,12 +188,22 @@ class Registry:
                     self._watch(sub, state.id)
                     sub.offer(state)
 
-    async def resync(self) -> None:
+    async def resync(
+        self, task_ids: Collection[str] | None = None, owners: Collection[str] | None = None
+    ) -> None:
         """Read every subscribed task and hand over whatever moved (or vanished), and every task
         that joined an owner after one of their owner-wide streams took its snapshot (created
-        for them, or given to them, while no notification could say so)."""
+        for them, or given to them, while no notification could say so).
+
+        With ``task_ids`` or ``owners`` (a source that knows what it may have missed), only
+        those of them that are still watched."""
         ids = list(self._by_task)
         since = self._owner_cutoffs()
+        if task_ids is not None or owners is not None:
+            wanted = set(task_ids or ())
+            ids = [tid for tid in ids if tid in wanted]
+            keep = set(owners or ())
+            since = {owner: cut for owner, cut in since.items() if owner in keep}
         if not ids and not since:
             return
         try:
