@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import attached
 from bench.config import (
     HTTP_VERSIONS,
     SCENARIOS,
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser(
+        "attach", help="an attached table against taskstream.tasks: trigger cost and latency"
+    )
+    attached.add_arguments(a)
     r = sub.add_parser("run", help="run the benchmark")
     r.add_argument(
         "--smoke",
@@ -272,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         return heapprofile.main(args)
+    if args.command == "attach":
+        return attached.run(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,5 +1,6 @@
-"""The ``taskstream`` command: serve, migrate, token, and the terminal client (watch, create,
-update; see :mod:`server.client.terminal`).
+"""The ``taskstream`` command: serve, migrate, token, attach/detach/sources (see
+:mod:`server.sources`), and the terminal client (watch, create, update; see
+:mod:`server.client.terminal`).
 
 ``serve`` owns process lifetime: it starts the embedded PostgreSQL once (when DATABASE_URL is
 unset), applies migrations, checks that NOTIFY reaches a LISTEN connection, binds the sockets, then
@@ -214,6 +215,100 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sources(args: argparse.Namespace) -> int:
+    """``attach``, ``detach`` and ``sources``: the logic is in :mod:`server.sources`."""
+    from server.sources import MappingError, SourceError, run_command
+
+    url = Settings.from_env().database_url
+    if url is None:
+        raise ConfigError(
+            f"`taskstream {args.command}` needs DATABASE_URL (the database to attach)"
+        )
+    try:
+        print(asyncio.run(run_command(url, args.command, vars(args))))
+    except (MappingError, SourceError) as exc:
+        print(f"taskstream {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _states(raw: str) -> list[str]:
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+def _scale(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number is needed, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {raw}")
+    return value
+
+
+def _add_source_commands(sub: Any) -> None:
+    attach = _command(
+        sub,
+        _sources,
+        "attach",
+        "stream an existing table's rows as tasks",
+        "Register TABLE as task source NAME: its rows become tasks 'NAME:<id>' without moving data "
+        "or changing the table's writers. Each mapping is a column or an SQL expression over the "
+        "row (alias t). Creates a view and a trigger function in schema taskstream and one "
+        "trigger on TABLE; `taskstream detach NAME` removes them. See docs/attach.md.",
+    )
+    attach.add_argument("name", metavar="NAME", help="source name, also the task id prefix")
+    attach.add_argument("--table", required=True, help="the table, as schema.table")
+    attach.add_argument("--id", required=True, metavar="EXPR", help="the row's id")
+    attach.add_argument("--state", required=True, metavar="EXPR", help="the row's state")
+    attach.add_argument(
+        "--owner",
+        metavar="EXPR",
+        help="the owning user id; without it, the backend grants tasks with "
+        "SELECT taskstream.grant_task(task_id, user_id)",
+    )
+    attach.add_argument("--progress", metavar="EXPR", help="progress (default: 0)")
+    attach.add_argument(
+        "--progress-scale",
+        type=_scale,
+        default=100.0,
+        metavar="N",
+        help="the progress value meaning done: 1 or 100 (default: %(default)g); clamped",
+    )
+    attach.add_argument("--eta", metavar="EXPR", help="seconds left")
+    attach.add_argument("--error", metavar="EXPR", help="error text")
+    attach.add_argument(
+        "--terminal",
+        type=_states,
+        required=True,
+        metavar="S1,S2",
+        help="states after which the row does not change (they end streams)",
+    )
+    attach.add_argument(
+        "--success",
+        type=_states,
+        default=[],
+        metavar="S1,S2",
+        help="the terminal states that mean success (shown as 'success'; the others as 'failed')",
+    )
+    detach = _command(
+        sub,
+        _sources,
+        "detach",
+        "remove an attached source",
+        "Remove every object `taskstream attach` created for NAME, and its versions and grants. "
+        "The table and its rows are left as they are.",
+    )
+    detach.add_argument("name", metavar="NAME")
+    _command(
+        sub,
+        _sources,
+        "sources",
+        "list attached sources",
+        "List attached sources and what each maps.",
+    )
+
+
 def _positive_int(raw: str) -> int:
     try:
         value = int(raw)
@@ -318,6 +413,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="add a scope, e.g. tasks:write for workers (repeatable; default: none)",
     )
+
+    _add_source_commands(sub)
 
     from server.client.terminal import add_commands
 

@@ -52,6 +52,11 @@ TASK_COLUMNS = (
     " started_at, start_progress, owner_since, group_id, group_seq, metadata"
 )
 
+# Reads go through every task source: taskstream.tasks and the attached tables (sql/006_sources.sql,
+# server/sources.py). By owner: the union view; by id: tasks_by_ids(), which looks each source's
+# rows up by row id. With nothing attached both are taskstream.tasks alone, with its plans.
+READ_RELATION = "taskstream.all_tasks"
+
 # The terminal states as an SQL list, from the one definition in server/tasks.py.
 TERMINAL_SQL = "(" + ", ".join(f"'{state}'" for state in TERMINAL_ORDER) + ")"
 
@@ -165,7 +170,9 @@ def _row_to_state(row: asyncpg.Record) -> TaskState:
 
 
 async def fetch_task(pool: asyncpg.Pool, task_id: str) -> TaskState | None:
-    row = await pool.fetchrow(f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE id = $1", task_id)
+    row = await pool.fetchrow(
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks_by_ids(ARRAY[$1::text])", task_id
+    )
     return None if row is None else _row_to_state(row)
 
 
@@ -176,7 +183,7 @@ async def fetch_open_tasks(
     (tasks created before it that were not open then are not part of an owner-wide stream)."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         rows = await conn.fetch(
-            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE owner_id = $1"
+            f"SELECT {TASK_COLUMNS} FROM {READ_RELATION} WHERE owner_id = $1"
             f" AND state NOT IN {TERMINAL_SQL} ORDER BY created_at, id",
             owner_id,
         )
@@ -189,7 +196,7 @@ async def fetch_tasks(
 ) -> dict[str, TaskState]:
     """Read many tasks in one round trip (used by resync and the fallback poll)."""
     rows = await conn.fetch(
-        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks WHERE id = ANY($1::text[])", list(task_ids)
+        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks_by_ids($1::text[])", list(task_ids)
     )
     return {r["id"]: _row_to_state(r) for r in rows}
 
@@ -205,10 +212,10 @@ async def fetch_joined_tasks(
     # OR that reads every task the owner ever had; owner_since >= created_at, so the second
     # branch only adds tasks created before the cutoff and given to the owner after it.
     rows = await conn.fetch(
-        f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        f"SELECT {TASK_COLUMNS} FROM {READ_RELATION}"
         " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
         " ON owner_id = o.joined_owner AND created_at > o.joined_after"
-        f" UNION ALL SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+        f" UNION ALL SELECT {TASK_COLUMNS} FROM {READ_RELATION}"
         " JOIN unnest($1::text[], $2::timestamptz[]) AS o(joined_owner, joined_after)"
         " ON owner_id = o.joined_owner AND owner_since > o.joined_after"
         " AND created_at <= o.joined_after",
@@ -233,13 +240,19 @@ async def insert_task(
     group_id: str | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> TaskState | None:
-    """Create a task; None if the id is taken (by anyone). Raises :class:`GroupClosedError`
-    when ``group_id`` names a group that is closed, full or another owner's."""
+    """Create a task; None if the id is taken (by anyone) or lies in an attached source's id
+    space. Raises :class:`GroupClosedError` when ``group_id`` names a group that is closed, full
+    or another owner's."""
     try:
         row = await conn.fetchrow(
             "INSERT INTO taskstream.tasks"
             " (id, owner_id, state, progress, estimated_time, group_id, metadata)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) ON CONFLICT (id) DO NOTHING"
+            " SELECT $1::text, $2::text, $3::text, $4::double precision, $5::integer,"
+            " $6::text, $7::jsonb"
+            # Not in an attached source's id space ("<source>:<row id>").
+            " WHERE NOT EXISTS"
+            " (SELECT 1 FROM taskstream.sources WHERE starts_with($1, name || ':'))"
+            " ON CONFLICT (id) DO NOTHING"
             f" RETURNING {TASK_COLUMNS}",
             task_id,
             owner_id,
@@ -339,7 +352,7 @@ async def list_tasks(
     """
     if before is None:
         rows = await conn.fetch(
-            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+            f"SELECT {TASK_COLUMNS} FROM {READ_RELATION}"
             " WHERE owner_id = $1 AND ($2::text IS NULL OR state = $2)"
             " ORDER BY created_at DESC, id DESC LIMIT $3",
             owner_id,
@@ -348,7 +361,7 @@ async def list_tasks(
         )
     else:
         rows = await conn.fetch(
-            f"SELECT {TASK_COLUMNS} FROM taskstream.tasks"
+            f"SELECT {TASK_COLUMNS} FROM {READ_RELATION}"
             " WHERE owner_id = $1 AND ($2::text IS NULL OR state = $2)"
             " AND (created_at, id) < ($3::timestamptz, $4::text)"
             " ORDER BY created_at DESC, id DESC LIMIT $5",
