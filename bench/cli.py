@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import attached
-from bench.config import HTTP_VERSIONS, SCENARIOS, TARGETS, TASKSTREAM_ONLY, BenchConfig, smoke
+from bench.config import (
+    HTTP_VERSIONS,
+    SCENARIOS,
+    TARGETS,
+    TASKSTREAM_ONLY,
+    UPDATE_MODE_NAMES,
+    BenchConfig,
+    smoke,
+)
 from bench.database import BenchDatabase
 from bench.loadgen import raise_nofile
 from bench.report import group_side_by_side, machine, plots, table, write_json
@@ -107,6 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--max-rate-steps", type=_rates, help="comma-separated rates to try")
     r.add_argument("--max-rate-step-seconds", type=float)
+    r.add_argument("--update-rate-steps", type=_rates, help="update_rate: rates to try")
+    r.add_argument(
+        "--update-modes",
+        type=_csv(UPDATE_MODE_NAMES),
+        help=f"update_rate: subset of {','.join(UPDATE_MODE_NAMES)}",
+    )
+    r.add_argument("--reporter-interval", type=float, help="update_rate: reporter flush, s")
     r.add_argument("--fanout-interval", type=float, help="seconds between fan-out updates")
     r.add_argument("--connect-concurrency", type=int, help="connects in flight, all processes")
     r.add_argument(
@@ -141,6 +156,9 @@ def _config(args: argparse.Namespace) -> BenchConfig:
         "max_rate_streams": "max_rate_streams",
         "max_rate_steps": "max_rate_steps",
         "max_rate_step_seconds": "max_rate_step_seconds",
+        "update_rate_steps": "update_rate_steps",
+        "update_modes": "update_modes",
+        "reporter_interval": "reporter_interval",
         "fanout_interval": "fanout_interval",
         "connect_concurrency": "connect_concurrency",
         "heartbeat": "heartbeat",

@@ -16,9 +16,18 @@ __all__ = [
     "smoke",
 ]
 
-SCENARIOS = ("many_tasks", "group_stream", "fanout", "connect_storm", "idle", "max_rate")
-# Scenarios the polling baseline has no counterpart for.
-TASKSTREAM_ONLY = frozenset({"group_stream"})
+SCENARIOS = (
+    "many_tasks",
+    "group_stream",
+    "fanout",
+    "connect_storm",
+    "idle",
+    "max_rate",
+    "update_rate",
+)
+# Scenarios the polling baseline has no counterpart for (update_rate compares ways of writing
+# on taskstream alone).
+TASKSTREAM_ONLY = frozenset({"group_stream", "update_rate"})
 # "baseline" is taskstream served from another source tree (--baseline DIR), e.g. main's.
 TARGETS = ("taskstream", "polling", "baseline")
 SERVERS = ("taskstream", "baseline")
@@ -26,6 +35,8 @@ SERVERS = ("taskstream", "baseline")
 HTTP_VERSIONS = ("http1", "h2c")
 
 DEFAULT_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000)
+UPDATE_MODE_NAMES = ("api_unbatched", "api_batched", "api_bulk", "reporter")
+UPDATE_RATES = (1000, 2000, 5000, 10000, 15000, 20000, 25000, 30000, 40000)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,9 @@ class BenchConfig:
     max_rate_steps: tuple[float, ...] = DEFAULT_RATES
     max_rate_step_seconds: float = 5.0
     max_rate_p99_ms: float = 50.0
+    update_rate_steps: tuple[float, ...] = UPDATE_RATES
+    update_modes: tuple[str, ...] = UPDATE_MODE_NAMES
+    reporter_interval: float = 0.05
     writer_connections: int = 8
     synchronous_commit: str = "on"  # the writer's setting; "off" shortens the NOTIFY commit lock
     heartbeat: float = 15.0
@@ -85,5 +99,8 @@ def smoke(base: BenchConfig) -> BenchConfig:
         max_rate_streams=300,
         max_rate_steps=(200.0, 1000.0),
         max_rate_step_seconds=3.0,
+        update_rate_steps=(300.0,),
+        # Enough to catch a lost terminal event or a crash on both batched paths.
+        update_modes=("api_batched", "reporter"),
         smoke=True,
     )

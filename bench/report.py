@@ -77,6 +77,40 @@ def _row(r: RunResult) -> list[str]:
     return [r.scenario, r.label] + [_fmt(m.get(key), d) for _, key, d in COLUMNS]
 
 
+def update_rate_table(r: RunResult) -> str:
+    """update_rate side by side: per rate and mode, updates/s written, events/s delivered, p99."""
+    modes = list(dict.fromkeys(s["mode"] for s in r.steps))
+    rates = sorted({s["rate"] for s in r.steps})
+    cell = {(s["mode"], s["rate"]): s for s in r.steps}
+    head = ["rate/s"] + modes
+    rows = [head]
+    for rate in rates:
+        row = [f"{rate:,.0f}"]
+        for mode in modes:
+            s = cell.get((mode, rate))
+            row.append(
+                "-"
+                if s is None
+                else f"{s['achieved_rate']:,.0f} w {s['delivered_per_s']:,.0f} d "
+                f"p99 {_fmt(s.get('p99_ms'))} xact {s.get('db_xact_per_s', 0):,.0f}"
+            )
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "update rate (w: updates/s written, d: progress events/s delivered to clients, p99 ms "
+        "commit to client, xact: database transactions/s):"
+    ]
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    for mode in modes:
+        lines.append(
+            f"  {mode}: {_fmt(r.metrics.get(f'{mode}_max_rate'), 0)}/s with p99 <= 50 ms; "
+            f"stopped: {r.metrics.get(f'{mode}_stop')}; terminal events "
+            f"{r.metrics.get(f'{mode}_terminal', '-')}"
+        )
+    return "\n".join(lines)
+
+
 def table(results: list[RunResult]) -> str:
     """A plain-text table, one row per scenario and target."""
     head = ["scenario", "target"] + [c for c, _, _ in COLUMNS]
@@ -120,6 +154,8 @@ def table(results: list[RunResult]) -> str:
                 f"{_fmt(r.metrics.get('db_queries_per_s'))} DB queries/s "
                 f"({_fmt(r.metrics.get('db_xact_per_s'))} transactions/s)"
             )
+        if r.scenario == "update_rate":
+            extra.append(update_rate_table(r))
         for p in r.problems:
             extra.append(f"PROBLEM {r.scenario}/{r.label}: {p}")
     for scenario, rat in ratios(results).items():
@@ -346,4 +382,35 @@ def plots(out: Path, results: list[RunResult]) -> list[Path]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         written.append(p)
+
+    for r in results:
+        if r.scenario == "update_rate" and r.steps:
+            written.append(_update_rate_plot(plt, out, r))
     return written
+
+
+def _update_rate_plot(plt: Any, out: Path, r: RunResult) -> Path:
+    """update_rate: delivered events/s and p99 against the offered rate, one line per mode."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for mode in dict.fromkeys(s["mode"] for s in r.steps):
+        mine = [s for s in r.steps if s["mode"] == mode]
+        x = [s["rate"] for s in mine]
+        ax1.plot(x, [s["delivered_per_s"] for s in mine], "o-", label=mode)
+        ax2.plot(x, [s.get("p99_ms", np.nan) for s in mine], "o-", label=mode)
+    top = max(s["rate"] for s in r.steps)
+    ax1.plot([0, top], [0, top], color="gray", ls=":", label="offered")
+    ax1.set_ylabel("progress events/s delivered to clients")
+    ax1.set_title("Delivered vs offered task updates")
+    ax2.axhline(50, color="gray", ls=":", label="50 ms")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("p99 commit to client (ms, log)")
+    ax2.set_title("p99 latency vs offered rate")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("offered task updates/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "update_rate.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.apiwriter import ApiWriter, ReporterWriter
 from bench.config import SERVERS, BenchConfig
 from bench.database import BenchDatabase
 from bench.loadgen import LoadGen, WorkerJob
 from bench.procs import ProcTree, ServerProcess, free_port
 from bench.profiling import Profiler
+from bench.tokens import mint
 from bench.writer import Writer
 
 __all__ = ["Context", "RunResult", "run_scenario"]
@@ -76,9 +78,12 @@ def taskstream_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "server"]
 
 
-def _server(ctx: Context, target: str, port: int) -> ServerProcess:
+def _server(
+    ctx: Context, target: str, port: int, extra_env: dict[str, str] | None = None
+) -> ServerProcess:
     cfg = ctx.cfg
     env = dict(os.environ)
+    env.update(extra_env or {})
     env.update(
         DATABASE_URL=ctx.db.url,
         TASKSTREAM_JWT_SECRET=ctx.secret,
@@ -229,12 +234,14 @@ class Run:
         self.loadgen: LoadGen | None = None
         self.writer = Writer(ctx.db.url, ctx.cfg.writer_connections, ctx.cfg.synchronous_commit)
         self.meter: Meter | None = None
+        # Extra environment of the server process (update_rate turns write batching off).
+        self.server_env: dict[str, str] = {}
 
     async def start(self, assignments: list[tuple[str, str]], *, groups: bool = False) -> None:
         cfg = self.cfg
         tasks = sorted(set(assignments))
         await self.ctx.db.reset_tasks(tasks, groups=groups)
-        self.server = _server(self.ctx, self.target, free_port())
+        self.server = _server(self.ctx, self.target, free_port(), self.server_env)
         ready = "ready" if self.target in SERVERS else None
         await self.server.start(ready, cfg.server_workers)
         procs = cfg.procs_for(len(assignments))
@@ -515,6 +522,104 @@ async def max_rate(run: Run, res: RunResult) -> None:
     res.metrics["expected_terminal"] = n
 
 
+# update_rate: how task updates reach PostgreSQL. (name, server environment, writer)
+UPDATE_MODES: tuple[tuple[str, dict[str, str], str], ...] = (
+    ("api_unbatched", {"TASKSTREAM_WRITE_BATCH": "false"}, "patch"),
+    ("api_batched", {}, "patch"),
+    ("api_bulk", {}, "bulk"),
+    ("reporter", {}, "reporter"),
+)
+
+
+async def _update_rate_mode(
+    ctx: Context, res: RunResult, mode: str, env: dict[str, str], how: str
+) -> None:
+    cfg = ctx.cfg
+    run = Run(ctx, "update_rate", "taskstream")
+    run.server_env = env
+    n = res.streams
+    assignments = _many(n, cfg.users)
+    task_ids = [t for t, _ in assignments]
+    passed = 0.0
+    stop_reason = "all steps passed"
+    writer: ApiWriter | ReporterWriter | None = None
+    try:
+        await run.start(assignments)
+        assert run.server is not None
+        if how == "reporter":
+            writer = ReporterWriter(ctx.db.url, interval=cfg.reporter_interval)
+        else:
+            token = mint(ctx.secret, "bench-worker", scope="tasks:write")
+            writer = ApiWriter(HOST, run.server.port, token, how)
+            await writer.open()
+        c = await run.lg.connect(n, cfg.connect_concurrency, run.connect_timeout(n))
+        if c["ready"] < n:
+            res.problems.append(f"{mode}: only {c['ready']} of {n} streams connected")
+        await run.lg.drain()
+        for rate in cfg.update_rate_steps:
+            a = await run.m.snap()
+            ws = await writer.run(rate, cfg.max_rate_step_seconds, task_ids)
+            b = await run.m.snap()
+            await asyncio.sleep(run.grace())
+            stamps, lat_all, _ = await run.lg.drain()
+            lat = _latency(stamps, lat_all, ws.t_start - 0.01, ws.t_end + 1.0)
+            window = max(ws.t_end - ws.t_start, 1e-9)
+            step: dict[str, Any] = {
+                "mode": mode,
+                "rate": rate,
+                "achieved_rate": ws.achieved_rate,
+                "write_errors": ws.errors,
+                "delivered_per_s": lat.size / window,
+                **summarize_ms(lat),
+            }
+            # Every write's transactions count here (no writer_txns): that is the point.
+            step.update(Meter.delta(a, b))
+            step["writer_max_lag_ms"] = ws.max_lag * 1000
+            step.update(ws.rtt_ms())
+            res.steps.append(step)
+            logger.info("update_rate %s %s: %s", mode, rate, step)
+            if ws.errors:
+                res.problems.append(f"{mode}: {ws.errors} writes failed at {rate:.0f}/s")
+            if ws.achieved_rate < 0.9 * rate:
+                stop_reason = (
+                    f"writer reached only {ws.achieved_rate:.0f}/s of {rate:.0f}/s "
+                    f"(server {step['server_cpu_pct']:.0f}% CPU, PostgreSQL "
+                    f"{step['pg_cpu_pct']:.0f}%, load generator {step['client_cpu_pct']:.0f}%, "
+                    f"{step['db_xact_per_s']:.0f} transactions/s)"
+                )
+                break
+            if step.get("p99_ms", 1e9) > cfg.max_rate_p99_ms:
+                stop_reason = f"p99 {step.get('p99_ms', float('nan')):.1f} ms at {rate:.0f}/s"
+                break
+            passed = rate
+        fin = await _finish(run, res, task_ids)
+        res.metrics[f"{mode}_terminal"] = f"{fin['completed']}/{fin['streams']}"
+    except Exception as exc:
+        logger.exception("update_rate %s crashed", mode)
+        res.problems.append(f"{mode} crashed: {type(exc).__name__}: {exc}")
+    finally:
+        if isinstance(writer, ApiWriter):
+            await writer.close()
+        code = await run.stop()
+        if code not in (0, None):
+            res.problems.append(f"{mode}: taskstream exited with code {code} on SIGTERM")
+    res.metrics[f"{mode}_max_rate"] = passed
+    res.metrics[f"{mode}_stop"] = stop_reason
+
+
+async def update_rate(run: Run, res: RunResult) -> None:
+    """Unbatched vs batched API writes vs the reporter, each at rising rates until p99
+    commit-to-client latency passes the limit or the writer falls behind."""
+    if run.target != "taskstream":
+        return  # it compares ways of writing on this tree's server; nothing to compare against
+    for mode, env, how in UPDATE_MODES:
+        if mode not in run.cfg.update_modes:
+            continue
+        await _update_rate_mode(run.ctx, res, mode, env, how)
+        run.ctx.run_index += 1
+    res.metrics["delivered"] = int(sum(s["samples"] for s in res.steps if "samples" in s))
+
+
 SCENARIO_FUNCS: dict[str, Callable[[Run, RunResult], Awaitable[None]]] = {
     "many_tasks": many_tasks,
     "group_stream": group_stream,
@@ -522,6 +627,7 @@ SCENARIO_FUNCS: dict[str, Callable[[Run, RunResult], Awaitable[None]]] = {
     "connect_storm": connect_storm,
     "idle": idle,
     "max_rate": max_rate,
+    "update_rate": update_rate,
 }
 
 
@@ -529,7 +635,7 @@ async def run_scenario(ctx: Context, scenario: str, target: str) -> RunResult:
     """Run one scenario against one target; problems are recorded, not raised."""
     cfg = ctx.cfg
     streams = cfg.connections
-    if scenario == "max_rate":
+    if scenario in ("max_rate", "update_rate"):
         streams = min(cfg.connections, cfg.max_rate_streams)
     res = RunResult(scenario, target, streams, workers=cfg.server_workers, http=cfg.http)
     res.variant = len(cfg.workers_sweep) > 1 or len(cfg.http_versions) > 1

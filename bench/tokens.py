@@ -10,8 +10,12 @@ from joserfc.jwk import OctKey
 __all__ = ["mint"]
 
 
-def mint(secret: str, sub: str, ttl: int = 3600) -> str:
-    """A bearer token for ``sub`` valid for ``ttl`` seconds."""
+def mint(secret: str, sub: str, ttl: int = 3600, scope: str | None = None) -> str:
+    """A bearer token for ``sub`` valid for ``ttl`` seconds (with ``scope``, e.g. a worker's
+    ``tasks:write``)."""
     now = int(time.time())
     key = OctKey.import_key(secret)
-    return jwt.encode({"alg": "HS256"}, {"sub": sub, "iat": now, "exp": now + ttl}, key)
+    claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl}
+    if scope is not None:
+        claims["scope"] = scope
+    return jwt.encode({"alg": "HS256"}, claims, key)

@@ -20,7 +20,7 @@ from functools import wraps
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, g, jsonify, request
 from quart_schema import document_request, validate_querystring
 from quart_schema.conversion import model_load
@@ -40,12 +40,24 @@ from server.longpoll import (
 )
 from server.openapi import (
     ERROR_RESPONSES,
+    field_errors,
     parameters,
     responds,
 )
 from server.schemas import GroupClosedBody
-from server.task_models import ListQuery, Task, TaskCreate, TaskPage, TaskPatch, TaskQuery
+from server.task_models import (
+    BulkPatch,
+    BulkResults,
+    ListQuery,
+    Task,
+    TaskCreate,
+    TaskPage,
+    TaskPatch,
+    TaskQuery,
+    TaskUpdate,
+)
 from server.tasks import TaskState, new_task_id, validate_task_id
+from server.writebatch import Outcome
 
 __all__ = ["CANCEL_ALLOW", "SCOPE_WRITE", "blueprint", "is_cancel_url"]
 
@@ -210,8 +222,7 @@ async def create_task(data: TaskCreate) -> Response:
     for _ in range(3):
         task_id = data.id or new_task_id()
         try:
-            task = await db.insert_task(
-                rt.pool,
+            task = await rt.writes.insert(
                 task_id,
                 owner,
                 state=data.state,
@@ -339,8 +350,90 @@ async def update_task(task_id: str, data: TaskPatch) -> Response:
     if (problem := validate_task_id(task_id)) is not None:
         return invalid_task_id(problem)
     change = db.TaskChange(**{name: getattr(data, name) for name in data.model_fields_set})
-    outcome, task = await db.update_task(runtime().pool, task_id, change)
+    outcome, task = await runtime().writes.update(task_id, change)
     return _change_response(outcome, task)
+
+
+@blueprint.patch("/api/v1/tasks")
+@responds(200, "One result per item, in order (each with its own status).", BulkResults)
+@responds(*ERROR_RESPONSES[401])
+@responds(403, "The token lacks scope `tasks:write`.")
+@responds(413, "The body is larger than 64 KiB.")
+@responds(422, 'The body is not `{"updates": [...]}` with 1 to the item cap of items.')
+@responds(*ERROR_RESPONSES[503])
+@authenticated(scope=SCOPE_WRITE)
+@document_request(BulkPatch)
+async def bulk_update_tasks() -> Response:
+    """Update many tasks in one request (scope `tasks:write`).
+
+    Each item is `{"id": ..., ...fields of PATCH}` and is checked, applied and answered on its
+    own, exactly as `PATCH /api/v1/tasks/{id}` would: one bad item never fails the others, and
+    items for the same task are applied in the order given. The updates share the server's
+    batched transactions (see `docs/protocol.md`). At most `TASKSTREAM_BULK_MAX_ITEMS` (default
+    1000) items and 64 KiB.
+    """
+    data = await _bulk_body()
+    if isinstance(data, Response):
+        return data
+    results: list[dict[str, Any] | None] = [None] * len(data)
+    valid: list[tuple[int, TaskUpdate]] = []
+    for i, item in enumerate(data):
+        item_id = item.get("id") if isinstance(item, dict) else None
+        ident = item_id if isinstance(item_id, str) else None
+        try:
+            update = TaskUpdate.model_validate(item, strict=True)
+        except ValidationError as exc:
+            detail = field_errors(exc)
+            results[i] = {"id": ident, "status": 422, "error": "Invalid request", "detail": detail}
+            continue
+        if (problem := validate_task_id(update.id)) is not None:
+            results[i] = {"id": ident, "status": 400, "error": "Invalid task id", "detail": problem}
+            continue
+        valid.append((i, update))
+    changes = [
+        (
+            u.id,
+            db.TaskChange(**{n: getattr(u, n) for n in u.model_fields_set if n != "id"}),
+        )
+        for _, u in valid
+    ]
+    outcomes = await runtime().writes.update_many(changes)
+    for (i, update), outcome in zip(valid, outcomes, strict=True):
+        results[i] = {"id": update.id, **_change_result(outcome)}
+    response = jsonify({"results": results})
+    response.headers["Cache-Control"] = "private, no-cache"
+    return response
+
+
+async def _bulk_body() -> list[Any] | Response:
+    raw = await request.get_data(as_text=False)
+    if not request.is_json:
+        return json_error(415, "Unsupported media type", "send application/json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return json_error(400, "Invalid JSON")
+    limit = runtime().settings.bulk_max_items
+    if not isinstance(body, dict) or set(body) != {"updates"}:
+        return _invalid("body", 'must be {"updates": [...]}')
+    updates = body["updates"]
+    if not isinstance(updates, list) or not 1 <= len(updates) <= limit:
+        return _invalid("updates", f"must be a list of 1 to {limit} items")
+    return updates
+
+
+def _change_result(outcome: Outcome | BaseException) -> dict[str, Any]:
+    """A bulk item's answer: the status and body its single PATCH would have."""
+    if isinstance(outcome, BaseException):
+        if isinstance(outcome, db.DATABASE_ERRORS):
+            return {"status": 503, "error": "Database unavailable"}
+        raise outcome
+    state, task = outcome
+    if state == "not_found" or task is None:
+        return {"status": 404, "error": "Task not found"}
+    if state == "terminal":
+        return {"status": 409, "error": "Task is finished", "detail": {"state": task.state}}
+    return {"status": 200, "task": task.api_data()}
 
 
 @blueprint.post("/api/v1/tasks/<path:task_id>/cancel")
@@ -357,8 +450,7 @@ async def cancel_task(task_id: str) -> Response:
     """
     if (problem := validate_task_id(task_id)) is not None:
         return invalid_task_id(problem)
-    outcome, task = await db.update_task(
-        runtime().pool,
+    outcome, task = await runtime().writes.update(
         task_id,
         db.TaskChange(state="cancelled"),
         owner_id=principal().user_id,

@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         # Once per process: whether the server internals the streams use are as expected.
         hypercorn_internals.check()
         runtime.pool = await db.create_pool(runtime.dsn)
+        await runtime.writes.start()
         source: ChangeSource
         if settings.nats_urls:
             # Bus mode: one relay in the fleet listens; this process subscribes to what it serves.
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None) -> Quart:
         try:
             await runtime.broker.start()
         except BaseException:
+            await runtime.writes.stop()
             await runtime.pool.close()
             await runtime.verifier.aclose()
             raise
@@ -169,6 +171,8 @@ def create_app(settings: Settings | None = None) -> Quart:
         runtime.background = []
         metrics.TALLY.flush()
         await send_timeout.close()
+        # Every queued write is committed (and answered) before the pool closes.
+        await runtime.writes.stop()
         await runtime.broker.stop()
         await runtime.pool.close()
         await runtime.verifier.aclose()

@@ -182,6 +182,14 @@ class Settings:
     metrics_token: str | None = None
     # gc.set_threshold() for each server process; None keeps the interpreter's.
     gc_thresholds: tuple[int, int, int] | None = DEFAULT_GC_THRESHOLDS
+    # Group commit of the task API's writes (server/writebatch.py, docs/operations.md): on, at
+    # most write_batch_max writes per transaction, and under load write_batch_window seconds
+    # more to gather before a flush (0: the next flush starts as soon as the last one ends).
+    write_batch: bool = True
+    write_batch_window: float = 0.0
+    write_batch_max: int = 500
+    # PATCH /api/v1/tasks: most task updates one request may carry.
+    bulk_max_items: int = 1000
     # The NATS fan-out bus (docs/scaling.md): empty keeps one LISTEN connection per process.
     nats_urls: tuple[str, ...] = ()
     # Subjects live under it; one prefix per fleet and database (fleets may share a NATS).
@@ -234,6 +242,10 @@ class Settings:
             ticket_sweep_interval=_float(e, "TASKSTREAM_TICKET_SWEEP", 60.0, minimum=0.05),
             metrics_token=_metrics_token(e, "TASKSTREAM_METRICS_TOKEN"),
             gc_thresholds=_gc_thresholds(e, "TASKSTREAM_GC_THRESHOLDS"),
+            write_batch=_bool(e, "TASKSTREAM_WRITE_BATCH", True),
+            write_batch_window=_float(e, "TASKSTREAM_WRITE_BATCH_WINDOW", 0.0, minimum=0.0),
+            write_batch_max=_int(e, "TASKSTREAM_WRITE_BATCH_MAX", 500, minimum=1),
+            bulk_max_items=_int(e, "TASKSTREAM_BULK_MAX_ITEMS", 1000, minimum=1),
             nats_urls=_nats_urls(e, "TASKSTREAM_NATS_URL"),
             nats_subject_prefix=_subject_prefix(e, "TASKSTREAM_NATS_SUBJECT_PREFIX"),
         )

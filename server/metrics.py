@@ -55,6 +55,8 @@ __all__ = [
     "STREAM_DURATION",
     "STREAM_ERRORS",
     "TALLY",
+    "WRITE_BATCH_RETRIES",
+    "WRITE_BATCH_SIZE",
     "GaugedEvent",
     "Tally",
     "render",
@@ -167,6 +169,16 @@ MAX_FDS = Gauge(
     "taskstream_max_fds",
     "This process's soft RLIMIT_NOFILE: at it, new connections are refused.",
     multiprocess_mode="liveall",
+)
+# Group commit of the task API's writes (server/writebatch.py): one observation per flush.
+WRITE_BATCH_SIZE = Histogram(
+    "taskstream_write_batch_size",
+    "Task writes (create, PATCH, cancel, bulk items) committed per flush of the write batcher.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+WRITE_BATCH_RETRIES = Counter(
+    "taskstream_write_batch_retries",
+    "Write batches the database refused and that were retried one write at a time.",
 )
 
 

@@ -17,6 +17,7 @@ from server.config import Settings
 from server.ratelimit import RateLimiter
 from server.stream.registry import Registry
 from server.stream.snapshots import SnapshotReader
+from server.writebatch import WriteBatcher
 
 __all__ = ["Runtime"]
 
@@ -35,12 +36,20 @@ class Runtime:
     send_timeouts: int = 0
     snapshots: SnapshotReader = field(init=False)
     ticket_limiter: RateLimiter = field(init=False)
+    # Group commit of the task API's writes (create, PATCH, cancel, bulk PATCH).
+    writes: WriteBatcher = field(init=False)
     # Periodic work of this process: the NOTIFY-queue sample and the metrics tally flush.
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.snapshots = SnapshotReader(lambda: self.pool)
         self.ticket_limiter = RateLimiter(self.settings.ticket_rate)
+        self.writes = WriteBatcher(
+            lambda: self.pool,
+            window=self.settings.write_batch_window,
+            max_size=self.settings.write_batch_max,
+            enabled=self.settings.write_batch,
+        )
 
     def count_send_timeout(self) -> None:
         self.send_timeouts += 1

@@ -21,12 +21,16 @@ __all__ = [
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
     "MAX_WAIT",
+    "BulkItemResult",
+    "BulkPatch",
+    "BulkResults",
     "ListQuery",
     "Task",
     "TaskCreate",
     "TaskPage",
     "TaskPatch",
     "TaskQuery",
+    "TaskUpdate",
 ]
 
 MAX_WAIT = 60
@@ -167,6 +171,30 @@ class TaskPatch(BaseModel):
         return self
 
 
+class TaskUpdate(TaskPatch):
+    """One item of a bulk update: the task's id and the fields to change, as in a PATCH."""
+
+    id: TaskId
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Self:
+        if not self.model_fields_set - {"id"}:
+            raise ValueError("give at least one of state, progress, estimated_time, error")
+        return self
+
+
+class BulkPatch(BaseModel):
+    """Many task updates in one request. Each item is validated and answered on its own; items
+    for the same task are applied in the order given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    updates: list[TaskUpdate] = Field(
+        min_length=1,
+        description="The updates, 1 to `TASKSTREAM_BULK_MAX_ITEMS` (default 1000) of them.",
+    )
+
+
 class TaskQuery(BaseModel):
     """Query parameters of `GET /api/v1/tasks/{task_id}`."""
 
@@ -229,6 +257,23 @@ class Task(BaseModel):
     )
     group_id: str | None = Field(description="The task's group, or null.")
     metadata: dict[str, Any] | None = Field(description="The task's metadata, or null.")
+
+
+class BulkItemResult(BaseModel):
+    """One item's answer: `status` and body fields as the single `PATCH` of that task would
+    give them (`task` for 200; `error` and maybe `detail` otherwise)."""
+
+    id: str | None = Field(description="The item's task id (null if the item had none).")
+    status: int = Field(description="200, 400, 404, 409, 422 or 503, as a single PATCH.")
+    task: Task | None = None
+    error: str | None = None
+    detail: Any = None
+
+
+class BulkResults(BaseModel):
+    """One result per item, in the order of the request."""
+
+    results: list[BulkItemResult]
 
 
 class TaskPage(BaseModel):
