@@ -4,9 +4,12 @@ environment (``TASKSTREAM_CELERY_DATABASE_URL``, ``TASKSTREAM_CELERY_BROKER_URL`
 from __future__ import annotations
 
 import os
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 _db = urlsplit(os.environ.get("TASKSTREAM_CELERY_DATABASE_URL", "postgresql://localhost/app"))
+# libpq URLs may name the server in the query instead (the embedded PostgreSQL's unix socket:
+# `postgresql://user@/db?host=/path/to/dir`); such a `host`/`port` wins, as it does for libpq.
+_query = {key: values[-1] for key, values in parse_qs(_db.query).items()}
 
 SECRET_KEY = "taskstream-celery-test-only"  # noqa: S105 - a throwaway test project
 USE_TZ = True
@@ -17,8 +20,8 @@ DATABASES = {
         "NAME": _db.path.lstrip("/"),
         "USER": unquote(_db.username or ""),
         "PASSWORD": unquote(_db.password or ""),
-        "HOST": _db.hostname or "",
-        "PORT": str(_db.port or ""),
+        "HOST": _query.get("host", _db.hostname or ""),
+        "PORT": _query.get("port", str(_db.port or "")),
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
