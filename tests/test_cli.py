@@ -55,7 +55,13 @@ class ServeProcess:
     async def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.returncode is None and sig is not None:
             self.proc.send_signal(sig)
-        out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        try:
+            out, _ = await asyncio.wait_for(self.proc.communicate(), timeout)
+        except TimeoutError:
+            # The test fails, but it must not leave a server (and its database) running.
+            self.proc.kill()
+            await self.proc.wait()
+            raise
         self.output.append(out.decode())
         assert self.proc.returncode is not None
         return self.proc.returncode
