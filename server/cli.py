@@ -19,8 +19,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from server import __version__
+from server import __version__, startsignal
 from server.config import ConfigError, Settings
+from server.startsignal import StoppedDuringStartup
 from server.workers import (
     CannotListen,
     bind,
@@ -109,15 +110,18 @@ def _serve(args: argparse.Namespace) -> int:
     metrics_dir = metrics_multiprocess_dir(args.workers)
     # Until the worker's event loop takes the signals over, SIGTERM unwinds through the
     # `finally` below instead of killing the process with the embedded PostgreSQL running.
-    signal.signal(signal.SIGTERM, _stopped_during_startup)
+    startsignal.install()
     try:
         settings, embedded = _resolve_environment(settings)
         assert settings.database_url is not None
+        startsignal.checkpoint()
         asyncio.run(_prepare_database(settings.database_url))
+        startsignal.checkpoint()
         if settings.nats_urls:
             from server.stream.bus import check_reachable
 
             asyncio.run(check_reachable(settings.nats_urls))
+            startsignal.checkpoint()
         host, port = all_sockets[0].getsockname()[:2]
         scheme = "https" if args.certfile else "http"
         print(f"taskstream listening on {scheme}://{host}:{port}", flush=True)
@@ -161,14 +165,6 @@ def _raise_descriptor_limit() -> None:
         before,
         extra={"event": "nofile_limit", "max_fds": after, "max_fds_before": before},
     )
-
-
-class StoppedDuringStartup(Exception):
-    """SIGTERM arrived before the server was ready to drain: nothing to drain, stop cleanly."""
-
-
-def _stopped_during_startup(_signum: int, _frame: Any) -> None:
-    raise StoppedDuringStartup
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,6 +16,7 @@ import tempfile
 from multiprocessing.synchronize import Event as MPEvent
 from typing import Any
 
+from server import startsignal
 from server.config import Settings
 
 __all__ = [
@@ -133,6 +134,10 @@ def run_worker(config: Any, sockets: Any, shutdown_event: MPEvent | None = None)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            # One that came before, while start-up's handler had it, may have been swallowed
+            # (see server/startsignal.py): it still stops the server, once the app is up.
+            if startsignal.requested():
+                stop.set()
         await hypercorn_internals.serve(
             app, config, sockets=sockets, shutdown_trigger=wait_for_stop
         )
@@ -150,6 +155,9 @@ def run_workers(config: Any, sockets: Any) -> None:
 
     # Taken over before any worker starts, so a SIGTERM while they start reaches them too.
     signal.signal(signal.SIGTERM, stop)
+    if startsignal.requested():
+        # Start-up's handler saw one whose raise was swallowed: start no worker.
+        return
     # Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole group); the master decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     processes = [

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -378,6 +379,64 @@ async def test_sigterm_during_start_up_stops_cleanly(database_url: str, marker: 
     env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
     serve = await _sigterm_after(env, marker)
     assert "Traceback" not in "".join(serve.output)
+
+
+def test_a_sigterm_whose_raise_is_swallowed_is_still_recorded() -> None:
+    """Python runs a signal handler at the next bytecode, which may be a destructor's: there
+    its exception is only "ignored". Start-up must still know it was asked to stop, and must
+    not print a traceback for it (the unraisable hook drops exactly that exception)."""
+    script = textwrap.dedent(
+        """
+        import gc, os, signal, sys
+        from server import startsignal
+        startsignal.install()
+
+        class Sends:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))  # bytecode: the handler runs here, inside __del__
+
+        Sends()
+        gc.collect()
+        print("survived", startsignal.requested())
+        try:
+            startsignal.checkpoint()
+        except startsignal.StoppedDuringStartup:
+            print("checkpoint stops")
+
+        class Fails:
+            def __del__(self):
+                raise ValueError("an unrelated error")
+
+        Fails()
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines() == ["survived True", "checkpoint stops"], r
+    assert "StoppedDuringStartup" not in r.stderr, r.stderr
+    # Other unraisable errors are still reported.
+    assert "ValueError: an unrelated error" in r.stderr, r.stderr
+
+
+async def test_sigterm_at_any_moment_after_listening_stops_the_server(database_url: str) -> None:
+    """Regression: a SIGTERM a few milliseconds after "listening on" could land in a
+    destructor while the worker started, be swallowed, and leave the server running for good.
+    Eight tries spread over the first 40 ms, where that window is."""
+    env = _clean_env(DATABASE_URL=database_url, TASKSTREAM_JWT_SECRET=SECRET)
+    for attempt in range(8):
+        serve = await start_serve(env)
+        assert serve.proc.stdout is not None
+        while True:
+            line = (await asyncio.wait_for(serve.proc.stdout.readline(), 60)).decode()
+            assert line, "server exited early:\n" + "".join(serve.output)
+            serve.output.append(line)
+            if "listening on" in line:
+                break
+        await asyncio.sleep(attempt * 0.005)
+        code = await serve.stop(timeout=15)
+        output = "".join(serve.output)
+        assert code == 0, output
+        assert "Traceback" not in output, output
 
 
 def test_help_texts_say_what_and_the_defaults() -> None:

@@ -190,6 +190,30 @@ async def test_watch_bad_token_exits_2(server: LiveServer, sql: asyncpg.Connecti
     assert r.code == 2 and "no token" in r.last_line, r
 
 
+async def test_watch_token_file_rewritten_in_place_is_waited_for(
+    server: LiveServer, sql: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`taskstream token > file` truncates the file before it writes: a read that lands in
+    between finds it empty. The watch waits a moment for the token instead of failing."""
+    await create_task(sql, "t1", state="success", progress=100.0)
+    path = tmp_path / "token"
+    path.write_text("")
+
+    async def write_later() -> None:
+        await asyncio.sleep(0.4)
+        path.write_text(server.token("alice") + "\n")
+
+    writer = asyncio.create_task(write_later())
+    r = await cli("watch", "t1", "--url", server.url, "--token-file", str(path))
+    await writer
+    assert r.code == 0 and r.last_line == "success", r
+
+    path.write_text("")
+    r = await cli("watch", "t1", "--url", server.url, "--token-file", str(path))
+    assert r.code == 2 and r.last_line.startswith("error: the token file"), r
+    assert "is empty" in r.last_line, r
+
+
 async def test_watch_token_file_is_read_again_when_the_token_expires(
     server: LiveServer, sql: asyncpg.Connection, tmp_path: Path
 ) -> None:

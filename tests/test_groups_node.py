@@ -29,7 +29,9 @@ async def test_package_watch_group_in_node_across_token_refreshes(
 
     async def renew() -> None:
         while True:
-            token_file.write_text(server.token("alice", ttl=3))
+            # Atomically, as a sidecar should: getToken() here reads without retrying.
+            token_file.with_suffix(".new").write_text(server.token("alice", ttl=3))
+            token_file.with_suffix(".new").replace(token_file)
             await asyncio.sleep(0.5)
 
     renewer = asyncio.create_task(renew())

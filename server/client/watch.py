@@ -102,6 +102,26 @@ class TokenUnavailable(Exception):
     """The token source cannot give a token (the file is missing or empty)."""
 
 
+# How long a token source may stay unreadable before the watch gives up. A renewer that
+# rewrites the file in place (`taskstream token > file`, `write_text`) truncates it first, so a
+# read can land on an empty or, with rm-then-create, a missing file for a moment.
+TOKEN_GRACE = 1.0
+_TOKEN_RETRY = 0.05
+
+
+async def _read_token(token: str | TokenSource) -> str:
+    if not callable(token):
+        return token
+    deadline = asyncio.get_running_loop().time() + TOKEN_GRACE
+    while True:
+        try:
+            return token()
+        except TokenUnavailable:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+        await asyncio.sleep(_TOKEN_RETRY)
+
+
 async def watch(
     url: str,
     token: str | TokenSource,
@@ -164,7 +184,7 @@ async def _watch(
         while True:
             renewed = False
             try:
-                current = token() if callable(token) else token
+                current = await _read_token(token)
             except TokenUnavailable as exc:
                 return Outcome(EXIT_ERROR, f"error: {exc}")
             headers = {"Authorization": f"Bearer {current}"}
