@@ -201,6 +201,8 @@ class Tally:
         # Progress events written straight to the socket (server/stream/session.py, direct_write);
         # cumulative, not exported: tests read it to prove the direct path is taken.
         self.direct_writes = 0
+        # Heartbeats written the same way by the loop's shared timer (direct_heartbeat).
+        self.direct_heartbeats = 0
 
     def count_sent(self, kind: str, n: int = 1) -> None:
         self.sent[kind] = self.sent.get(kind, 0) + n

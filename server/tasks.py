@@ -18,10 +18,11 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, overload
 
 __all__ = [
     "MAX_ERROR",
@@ -249,7 +250,11 @@ class TaskState:
 
     @classmethod
     def from_notification(cls, payload: str) -> TaskState:
-        d = json.loads(payload)
+        return cls.from_payload(json.loads(payload))
+
+    @classmethod
+    def from_payload(cls, d: dict[str, Any]) -> TaskState:
+        """A notification's state from its decoded JSON object."""
         return cls(
             id=d["id"],
             owner_id=d["owner_id"],
@@ -374,14 +379,33 @@ class GroupClosed:
 Change = TaskState | GroupClosed
 
 
-def parse_notification(payload: str) -> Change:
-    """Parse one notification (raises ValueError, KeyError or TypeError if malformed)."""
+# Whether a notification's task (its decoded ``id`` and ``owner_id``) is of interest here.
+Wanted = Callable[[Any, Any], bool]
+
+
+@overload
+def parse_notification(payload: str) -> Change: ...
+@overload
+def parse_notification(payload: str, wanted: Wanted) -> Change | None: ...
+def parse_notification(payload: str, wanted: Wanted | None = None) -> Change | None:
+    """Parse one notification (raises ValueError, KeyError or TypeError if malformed).
+
+    With ``wanted``, a task state that it declines is None: it is decoded (C code) but never
+    built into a :class:`TaskState` (timestamps parsed, Python objects made), the larger part of
+    a notification's cost, which a process pays for every change on the channel whoever watches
+    it. A group's closing is always returned.
+    """
     if '"group_closed"' in payload:
         d = json.loads(payload)
         if isinstance(d, dict) and "group_closed" in d and "id" not in d:
             return GroupClosed.from_notification(d)
     try:
-        return TaskState.from_notification(payload)
+        d = json.loads(payload)
+        if not isinstance(d, dict):
+            raise TypeError("a notification is a JSON object")
+        if wanted is not None and not wanted(d.get("id"), d.get("owner_id")):
+            return None
+        return TaskState.from_payload(d)
     except RecursionError:
         # Metadata nested deeper than the parser goes. The trigger appends it last, and an
         # unescaped `, "metadata" : ` cannot occur inside a JSON string: parse the rest, and let

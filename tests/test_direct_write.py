@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
+import pytest
 
 from server import metrics
 from tests.conftest import LiveServer, create_task
@@ -144,3 +145,54 @@ async def test_multi_task_and_owner_wide_streams_take_the_direct_write_with_thei
         ends = [await multi.next(2) for _ in range(4)]
         assert [e.event for e in ends] == ["progress", "complete", "progress", "complete"]
         await multi.wait_closed(2)
+
+
+@pytest.mark.parametrize("settings_overrides", [{"heartbeat": 0.3}])
+async def test_heartbeats_of_a_parked_stream_are_written_by_the_shared_timer(
+    server: LiveServer, sql: asyncpg.Connection
+) -> None:
+    """A parked HTTP/1.1 stream's heartbeats go out from the loop's Deadlines timer, the same
+    bytes the stream's task would write, without waking the task; a progress event in between
+    and the stream's end are unchanged."""
+    await create_task(sql, "d3")
+    before = metrics.TALLY.direct_heartbeats
+    reader, writer = await _raw_stream(server, "d3", b"1.1")
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"transfer-encoding: chunked" in head.lower()
+        body = b""
+        while body.count(b": heartbeat\n\n") < 3:
+            body += await asyncio.wait_for(reader.read(4096), 5)
+        await sql.execute("UPDATE taskstream.tasks SET progress = 40 WHERE id = 'd3'")
+        while b'"progress":40.0' not in body:
+            body += await asyncio.wait_for(reader.read(4096), 5)
+        while body.count(b": heartbeat\n\n") < 5:
+            body += await asyncio.wait_for(reader.read(4096), 5)
+        await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'd3'")
+        while not body.endswith(b"0\r\n\r\n"):
+            data = await asyncio.wait_for(reader.read(4096), 5)
+            assert data, body
+            body += data
+    finally:
+        writer.close()
+    beats = metrics.TALLY.direct_heartbeats - before
+    assert beats >= 5, beats
+    # Every heartbeat is its own chunk, framed exactly as h11 frames the task's writes.
+    assert body.count(b"d\r\n: heartbeat\n\n\r\n") == body.count(b": heartbeat")
+    assert b"event: complete\n" in body
+
+
+@pytest.mark.parametrize("settings_overrides", [{"heartbeat": 0.3}])
+async def test_heartbeats_of_an_http_1_0_stream_take_the_ordinary_path(
+    server: LiveServer, sql: asyncpg.Connection
+) -> None:
+    await create_task(sql, "d4")
+    before = metrics.TALLY.direct_heartbeats
+    reader, writer = await _raw_stream(server, "d4", b"1.0")
+    try:
+        body = b""
+        while body.count(b": heartbeat\n\n") < 2:
+            body += await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+    assert metrics.TALLY.direct_heartbeats == before

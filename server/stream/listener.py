@@ -121,31 +121,43 @@ class PgListener:
         # Counters read by tests and by the metrics module.
         self.notifications = 0
         self.reconnects = 0
+        # Notifications of tasks no stream here watches (decoded, then dropped).
+        self.unwatched = 0
+        # What the registry watches (server/stream/registry.py tells each first and last).
+        self._tasks: set[str] = set()
+        self._owners: set[str] = set()
 
     @property
     def connected(self) -> asyncio.Event:
         return self._connected
 
-    # LISTEN receives every change whatever is watched: interest changes nothing here.
+    # LISTEN receives every change whatever is watched; the interest only spares the work of
+    # building a state nobody here will read (see parse_notification).
     def watch_task(self, task_id: str) -> None:
-        pass
+        self._tasks.add(task_id)
 
     def unwatch_task(self, task_id: str) -> None:
-        pass
+        self._tasks.discard(task_id)
 
     def watch_owner(self, owner_id: str) -> None:
-        pass
+        self._owners.add(owner_id)
 
     def unwatch_owner(self, owner_id: str) -> None:
-        pass
+        self._owners.discard(owner_id)
+
+    def _wanted(self, task_id: Any, owner_id: Any) -> bool:
+        return task_id in self._tasks or owner_id in self._owners
 
     def _on_notification(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self.notifications += 1
         metrics.NOTIFICATIONS.inc()
         try:
-            state = parse_notification(payload)
+            state = parse_notification(payload, self._wanted)
         except (ValueError, KeyError, TypeError):
             logger.warning("ignored a malformed notification on channel %s", CHANNEL)
+            return
+        if state is None:
+            self.unwatched += 1
             return
         self._on_change(state)
 

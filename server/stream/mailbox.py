@@ -68,6 +68,17 @@ class Deadlines:
         while heap and heap[0][0] <= now:
             when, _, sub = heapq.heappop(heap)
             if sub._deadline == when:
+                beat = sub.beat
+                if beat is not None and sub._waiter is not None and not sub.pending:
+                    # A parked stream that can write its own heartbeat does so here, and its
+                    # task sleeps on: at 50,000 idle streams, waking each task for a heartbeat
+                    # was most of the server's idle CPU.
+                    later = beat(now)
+                    if later is not None:
+                        self._seq += 1
+                        sub._deadline = later
+                        heapq.heappush(heap, (later, self._seq, sub))
+                        continue
                 sub._deadline = 0.0  # fired: the next wait arms again, even at the same time
                 sub._wake()
         if heap:
@@ -90,6 +101,7 @@ class Subscription:
     """
 
     __slots__ = (
+        "beat",
         "closing",
         "conflated",
         "created_after",
@@ -137,6 +149,11 @@ class Subscription:
         # write. Returns False to decline (terminal state, socket not drained...): the mailbox
         # path then takes the state as usual.
         self.direct: Callable[[TaskState], bool] | None = None
+        # Set with ``direct``: called by the loop's Deadlines when the stream's deadline comes
+        # while it is parked with nothing pending. Writes the heartbeat on the spot and returns
+        # the stream's next deadline, or returns None (not a heartbeat, or the socket has not
+        # drained) to wake the stream as usual.
+        self.beat: Callable[[float], float | None] | None = None
         self.conflated = 0
         self.closing: str | None = None
         # Owner-wide streams: tasks created before this instant join only via the snapshot.
@@ -188,9 +205,15 @@ class Subscription:
         finally:
             self._waiter = None
 
-    def attach_direct(self, write: Callable[[TaskState], bool]) -> None:
-        """Let ``write`` take states on the spot while the stream waits (see ``direct``)."""
+    def attach_direct(
+        self,
+        write: Callable[[TaskState], bool],
+        beat: Callable[[float], float | None] | None = None,
+    ) -> None:
+        """Let ``write`` take states, and ``beat`` write heartbeats, on the spot while the
+        stream waits (see ``direct`` and ``beat``)."""
         self.direct = write
+        self.beat = beat
 
     def sent_version(self, task_id: str) -> int:
         """The highest version of ``task_id`` handed to the client (0: none yet)."""
@@ -200,6 +223,7 @@ class Subscription:
         """Drop the deadline and the direct writer (the registry calls this when the mailbox is
         removed)."""
         self.direct = None
+        self.beat = None
         self._deadline = -1.0  # its entry in the loop's Deadlines is skipped when it comes up
 
     def take(self) -> list[TaskState]:
