@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from server.stream.mailbox import Deadlines, Subscription
+import pytest
+
+from server.stream.mailbox import TICK, Deadlines, Subscription
 from server.tasks import TaskState
 
 
@@ -78,3 +80,32 @@ async def test_a_moved_or_released_deadline_does_not_wake() -> None:
     for sub in (moved, released):
         sub.close("test")
     await asyncio.wait_for(asyncio.gather(later, gone), 2)
+
+
+async def test_deadlines_fire_together_on_the_tick_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 deadlines spread over 200 ms wake in about ten timer fires (one per 20 ms tick),
+    never before their time and at most one tick late, not in one fire per distinct deadline."""
+    fires = 0
+    fire = Deadlines._fire
+
+    def counted(self: Deadlines) -> None:
+        nonlocal fires
+        fires += 1
+        fire(self)
+
+    monkeypatch.setattr(Deadlines, "_fire", counted)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    subs = [_sub() for _ in range(500)]
+    deadlines = [t0 + 0.05 + (i % 100) * 0.002 for i in range(500)]  # 100 distinct times
+    woke: list[float] = [0.0] * 500
+
+    async def waiter(i: int) -> None:
+        await subs[i].wait(deadlines[i])
+        woke[i] = loop.time()
+
+    await asyncio.wait_for(asyncio.gather(*(waiter(i) for i in range(500))), 5)
+    late = [w - d for w, d in zip(woke, deadlines, strict=True)]
+    assert min(late) >= -0.002, "a mailbox woke before its deadline"
+    assert max(late) < TICK + 0.5
+    assert fires <= 0.2 / TICK + 3, f"{fires} timer fires for 100 distinct deadlines"
