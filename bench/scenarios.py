@@ -416,7 +416,8 @@ async def connect_storm(run: Run, res: RunResult) -> None:
     await run.start(assignments)
     a = await run.m.snap()
     # Everything at once: every stream is started without a limit on connects in flight.
-    c = await run.lg.connect(n, n, run.connect_timeout(n))
+    async with Profiler.maybe(run, "connect_storm", 10.0):
+        c = await run.lg.connect(n, n, run.connect_timeout(n))
     b = await run.m.snap()
     res.metrics.update(_connect_metrics(c))
     res.metrics.update(Meter.delta(a, b))
