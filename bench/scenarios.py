@@ -465,7 +465,8 @@ async def idle(run: Run, res: RunResult) -> None:
     # log_statement=all run showed) were counted as about 10 queries/s of idle cost.
     await asyncio.sleep(STATS_SETTLE_S)
     a = await run.m.snap()
-    await asyncio.sleep(cfg.idle_seconds)
+    async with Profiler.maybe(run, "idle", cfg.idle_seconds):
+        await asyncio.sleep(cfg.idle_seconds)
     b = await run.m.snap()
     res.metrics.update(Meter.delta(a, b))
     st = await run.lg.stats()

@@ -60,15 +60,20 @@ async def _raw_stream(
     return reader, writer
 
 
+@pytest.mark.parametrize("settings_overrides", [{"heartbeat": 0.3}])
 async def test_http_1_0_client_is_served_without_chunks_on_the_ordinary_path(
     server: LiveServer, sql: asyncpg.Connection
 ) -> None:
-    """HTTP/1.0 has no chunked encoding: h11 writes the body raw, so must everything else."""
+    """HTTP/1.0 has no chunked encoding: h11 writes the body raw, so must everything else,
+    heartbeats included."""
     await create_task(sql, "d2")
-    before = metrics.TALLY.direct_writes
+    before = (metrics.TALLY.direct_writes, metrics.TALLY.direct_heartbeats)
     reader, writer = await _raw_stream(server, "d2", b"1.0")
     try:
         await asyncio.wait_for(reader.readuntil(b"data: "), 5)
+        for _ in range(2):
+            beat = await asyncio.wait_for(reader.readuntil(b": heartbeat\n\n"), 5)
+            assert b"\r\n" not in beat.split(b"\n\n", 1)[1], beat  # no chunk framing
         await sql.execute("UPDATE taskstream.tasks SET progress = 40 WHERE id = 'd2'")
         await sql.execute("UPDATE taskstream.tasks SET state = 'success' WHERE id = 'd2'")
         body = await asyncio.wait_for(reader.read(), 5)  # close-delimited: read to the end
@@ -76,7 +81,7 @@ async def test_http_1_0_client_is_served_without_chunks_on_the_ordinary_path(
         writer.close()
     assert b"id: 2\n" in body and b"event: complete\n" in body
     assert b"\r\n" not in body.split(b"event: complete")[0]  # no chunk framing anywhere
-    assert metrics.TALLY.direct_writes == before
+    assert (metrics.TALLY.direct_writes, metrics.TALLY.direct_heartbeats) == before
 
 
 async def test_http_1_1_raw_bytes_are_well_formed_chunks(
@@ -180,19 +185,3 @@ async def test_heartbeats_of_a_parked_stream_are_written_by_the_shared_timer(
     # Every heartbeat is its own chunk, framed exactly as h11 frames the task's writes.
     assert body.count(b"d\r\n: heartbeat\n\n\r\n") == body.count(b": heartbeat")
     assert b"event: complete\n" in body
-
-
-@pytest.mark.parametrize("settings_overrides", [{"heartbeat": 0.3}])
-async def test_heartbeats_of_an_http_1_0_stream_take_the_ordinary_path(
-    server: LiveServer, sql: asyncpg.Connection
-) -> None:
-    await create_task(sql, "d4")
-    before = metrics.TALLY.direct_heartbeats
-    reader, writer = await _raw_stream(server, "d4", b"1.0")
-    try:
-        body = b""
-        while body.count(b": heartbeat\n\n") < 2:
-            body += await asyncio.wait_for(reader.read(4096), 5)
-    finally:
-        writer.close()
-    assert metrics.TALLY.direct_heartbeats == before
