@@ -183,7 +183,7 @@ def direct_heartbeat(
 ) -> Callable[[float], float | None]:
     """Write a parked stream's heartbeat to its socket from the loop's shared timer.
 
-    The ordinary path wakes the stream's task only to hand 17 bytes to Quart, Hypercorn and h11;
+    The ordinary path wakes the stream's task only to hand 13 bytes to Quart, Hypercorn and h11;
     with tens of thousands of idle streams that was most of the server's idle CPU. Called by
     :class:`~server.stream.mailbox.Deadlines` only while the stream is parked with nothing
     pending, with the same rules as :func:`direct_write`: the same framed bytes as the ordinary
