@@ -395,14 +395,12 @@ def parse_notification(payload: str, wanted: Wanted | None = None) -> Change | N
     a notification's cost, which a process pays for every change on the channel whoever watches
     it. A group's closing is always returned.
     """
-    if '"group_closed"' in payload:
-        d = json.loads(payload)
-        if isinstance(d, dict) and "group_closed" in d and "id" not in d:
-            return GroupClosed.from_notification(d)
     try:
         d = json.loads(payload)
         if not isinstance(d, dict):
             raise TypeError("a notification is a JSON object")
+        if "group_closed" in d and "id" not in d:
+            return GroupClosed.from_notification(d)
         if wanted is not None and not wanted(d.get("id"), d.get("owner_id")):
             return None
         return TaskState.from_payload(d)
